@@ -1,0 +1,231 @@
+"""The data contract: trajectory and preference records in JSON Lines, validated on load.
+
+Every error names the file, the line and the field, so bad data is caught before any GPU time is spent.
+The format is documented in ``docs/data-format.md``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator, Literal, Union
+
+Role = Literal["system", "user", "assistant"]
+Level = Literal["trajectory", "step", "group"]
+ROLES: tuple[str, ...] = ("system", "user", "assistant")
+LEVELS: tuple[str, ...] = ("trajectory", "step", "group")
+
+
+class DataError(ValueError):
+    """A record that violates the data contract; the message names file, line and field."""
+
+    def __init__(self, path: str | os.PathLike | None, line: int | None, field: str | None, problem: str):
+        self.path, self.line, self.field, self.problem = (str(path) if path else None), line, field, problem
+        where = ":".join(str(p) for p in (self.path, self.line) if p is not None) or "<record>"
+        super().__init__(f"{where}: field '{field}': {problem}" if field else f"{where}: {problem}")
+
+
+@dataclass(frozen=True)
+class Trajectory:
+    """One episode: ``messages`` alternate agent actions (assistant) and observations (user) after the task."""
+
+    id: str
+    task: str
+    messages: list[dict[str, str]]
+    reward: float
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def n_actions(self) -> int:
+        return sum(m["role"] == "assistant" for m in self.messages)
+
+
+@dataclass(frozen=True)
+class PreferencePair:
+    """A preferred vs dispreferred continuation of the same ``prompt`` at one level of the hierarchy."""
+
+    id: str
+    task_id: str
+    level: str
+    prompt: list[dict[str, str]]
+    chosen: list[dict[str, str]]
+    rejected: list[dict[str, str]]
+    chosen_reward: float
+    rejected_reward: float
+    group_length: int | None = None
+    difficulty: float | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+Record = Union[Trajectory, PreferencePair]
+
+
+class _Checker:
+    """Field checks bound to one record's location."""
+
+    def __init__(self, obj: Any, path: str | os.PathLike | None, line: int | None):
+        self.obj, self.path, self.line = obj, path, line
+
+    def fail(self, name: str | None, problem: str) -> DataError:
+        return DataError(self.path, self.line, name, problem)
+
+    def require(self, name: str) -> Any:
+        if name not in self.obj:
+            raise self.fail(name, "missing")
+        return self.obj[name]
+
+    def string(self, name: str) -> str:
+        value = self.require(name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = str(value)  # numeric ids are common in exported data
+        if not isinstance(value, str) or not value:
+            raise self.fail(name, f"expected a non-empty string, got {value!r:.60}")
+        return value
+
+    def number(self, name: str, optional: bool = False) -> float | None:
+        if optional and self.obj.get(name) is None:
+            return None
+        value = self.require(name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise self.fail(name, f"expected a finite number, got {value!r:.60}")
+        return float(value)
+
+    def messages(self, name: str, allow_empty: bool = False) -> list[dict[str, str]]:
+        value = self.require(name)
+        if not isinstance(value, list):
+            raise self.fail(name, f"expected a list of messages, got {type(value).__name__}")
+        if not value and not allow_empty:
+            raise self.fail(name, "empty message list")
+        out = []
+        for i, msg in enumerate(value):
+            where = f"{name}[{i}]"
+            if not isinstance(msg, dict):
+                raise self.fail(where, "expected an object with 'role' and 'content'")
+            role, content = msg.get("role"), msg.get("content")
+            if role not in ROLES:
+                raise self.fail(f"{where}.role", f"expected one of {ROLES}, got {role!r}")
+            if not isinstance(content, str):
+                raise self.fail(f"{where}.content", f"expected a string, got {type(content).__name__}")
+            out.append({"role": role, "content": content})
+        return out
+
+    def meta(self) -> dict[str, Any]:
+        value = self.obj.get("meta") or {}
+        if not isinstance(value, dict):
+            raise self.fail("meta", "expected an object")
+        return value
+
+
+def parse_trajectory(obj: Any, path: str | os.PathLike | None = None, line: int | None = None) -> Trajectory:
+    c = _Checker(obj, path, line)
+    if not isinstance(obj, dict):
+        raise c.fail(None, "expected a JSON object")
+    messages = c.messages("messages")
+    if not any(m["role"] == "assistant" for m in messages):
+        raise c.fail("messages", "no assistant turn: a trajectory needs at least one agent action")
+    return Trajectory(c.string("id"), c.string("task"), messages, c.number("reward"), c.meta())
+
+
+def parse_pair(obj: Any, path: str | os.PathLike | None = None, line: int | None = None) -> PreferencePair:
+    c = _Checker(obj, path, line)
+    if not isinstance(obj, dict):
+        raise c.fail(None, "expected a JSON object")
+    level = c.require("level")
+    if level not in LEVELS:
+        raise c.fail("level", f"unknown level {level!r}; expected one of {LEVELS}")
+    prompt = c.messages("prompt")
+    chosen, rejected = c.messages("chosen"), c.messages("rejected")
+    for name, msgs in (("chosen", chosen), ("rejected", rejected)):
+        if not any(m["role"] == "assistant" for m in msgs):
+            raise c.fail(name, "no assistant turn: nothing to score")
+    group_length = difficulty = None
+    if level == "group":
+        gl = c.require("group_length")
+        if isinstance(gl, bool) or not isinstance(gl, int) or gl < 1:
+            raise c.fail("group_length", f"expected a positive integer, got {gl!r}")
+        n_actions = sum(m["role"] == "assistant" for m in chosen)
+        if gl != n_actions:
+            raise c.fail("group_length", f"is {gl} but 'chosen' has {n_actions} assistant turns")
+        group_length, difficulty = gl, c.number("difficulty")
+    chosen_reward, rejected_reward = c.number("chosen_reward"), c.number("rejected_reward")
+    if level == "group" and difficulty is None:
+        difficulty = chosen_reward - rejected_reward
+    return PreferencePair(
+        id=c.string("id"),
+        task_id=c.string("task_id"),
+        level=level,
+        prompt=prompt,
+        chosen=chosen,
+        rejected=rejected,
+        chosen_reward=chosen_reward,
+        rejected_reward=rejected_reward,
+        group_length=group_length,
+        difficulty=difficulty,
+        meta=c.meta(),
+    )
+
+
+def parse_record(obj: Any, path: str | os.PathLike | None = None, line: int | None = None) -> Record:
+    """A preference record has ``chosen``; a trajectory record has ``messages``."""
+    if isinstance(obj, dict) and "chosen" in obj:
+        return parse_pair(obj, path, line)
+    if isinstance(obj, dict) and "messages" in obj:
+        return parse_trajectory(obj, path, line)
+    raise DataError(path, line, None, "neither a preference record (needs 'chosen') nor a trajectory ('messages')")
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """Yields (line number, decoded object), skipping blank lines; malformed JSON raises DataError."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, text in enumerate(f, start=1):
+            if not text.strip():
+                continue
+            try:
+                yield lineno, json.loads(text)
+            except json.JSONDecodeError as e:
+                raise DataError(path, lineno, None, f"malformed JSON: {e.msg} (column {e.colno})") from None
+
+
+def load_records(path: str | os.PathLike) -> list[tuple[Record, int]]:
+    """All records of a file with their line numbers; ids must be unique within the file."""
+    if not Path(path).is_file():
+        raise DataError(path, None, None, "file not found")
+    records: list[tuple[Record, int]] = []
+    seen: dict[str, int] = {}
+    for lineno, obj in iter_jsonl(path):
+        record = parse_record(obj, path, lineno)
+        if record.id in seen:
+            raise DataError(path, lineno, "id", f"duplicate id {record.id!r} (first on line {seen[record.id]})")
+        seen[record.id] = lineno
+        records.append((record, lineno))
+    if not records:
+        raise DataError(path, None, None, "no records")
+    return records
+
+
+def to_json(record: Record) -> dict[str, Any]:
+    out = asdict(record)
+    if isinstance(record, PreferencePair) and record.level != "group":
+        out.pop("group_length")
+        out.pop("difficulty")
+    return out
+
+
+def append_jsonl(path: str | os.PathLike, objs: Iterable[dict[str, Any]]) -> None:
+    """Appends and flushes line by line, so a crash loses at most the line being written."""
+    with open(path, "a", encoding="utf-8") as f:
+        for obj in objs:
+            f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+            f.flush()
+
+
+def write_jsonl(path: str | os.PathLike, objs: Iterable[dict[str, Any]]) -> None:
+    """Writes atomically (temp file then rename): an interrupted write never leaves a half file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        for obj in objs:
+            f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
