@@ -1,0 +1,56 @@
+"""``train.py``: LightningCLI with HPL's defaults (checkpointing for preemption, TensorBoard, the curriculum loader).
+
+Bad data raises :class:`~hpl_lightning.schema.DataError` in ``datamodule.setup``, before any model is loaded or any
+step runs; the CLI prints it as one line naming file, line and field, and exits with status 2.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI
+
+from hpl_lightning.data import HPLDataModule
+from hpl_lightning.module import HPLModule
+from hpl_lightning.schema import DataError
+
+
+class HPLCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
+        parser.link_arguments("model.policy", "data.tokenizer")
+        parser.set_defaults(
+            {
+                # last.ckpt on every save, plus one on SIGTERM/exceptions: a preempted run resumes where it stopped.
+                "checkpoint.save_last": True,
+                "checkpoint.save_on_exception": True,
+                "checkpoint.every_n_train_steps": 100,
+                "checkpoint.save_top_k": -1,
+                "checkpoint.filename": "step{step:06d}",
+                "checkpoint.auto_insert_metric_name": False,
+                "lr_monitor.logging_interval": "step",
+                "trainer.logger": {
+                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    "init_args": {"save_dir": "runs", "name": "hpl"},
+                },
+                # The data module shards batches itself and serves one curriculum phase per epoch.
+                "trainer.use_distributed_sampler": False,
+                "trainer.reload_dataloaders_every_n_epochs": 1,
+            }
+        )
+
+
+def main(args: list[str] | None = None) -> None:
+    try:
+        HPLCLI(
+            HPLModule,
+            HPLDataModule,
+            seed_everything_default=0,
+            save_config_kwargs={"overwrite": True},
+            args=args,
+        )
+    except DataError as e:
+        print(f"error: invalid data: {e}", file=sys.stderr)
+        sys.exit(2)

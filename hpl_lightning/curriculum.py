@@ -1,0 +1,107 @@
+"""HPL's dual-layer curriculum and the deterministic, resumable batch plan built on it (pure; no model needed).
+
+Group pairs fall into a 3x3 grid of buckets B[l, d]: ``l`` is the group-length level (sub-task complexity) and
+``d`` the difficulty level (reward gap; a large gap is an easy sample). Phase 1 trains on B11, phase 2 adds B12 and
+B21, phase 3 adds the rest; trajectory, step and behaviour-cloning items are in every phase.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal, Sequence
+
+import torch
+
+Mode = Literal["dual", "static", "length", "difficulty"]
+# Group-length thresholds (upper bounds of levels 1 and 2) per benchmark, from the paper; sciworld's gold paths are
+# longer than ALFWorld's, so it gets ALFWorld's.
+LENGTH_THRESHOLDS: dict[str, tuple[int, int]] = {
+    "alfworld": (3, 6),
+    "webshop": (2, 4),
+    "intercode_sql": (2, 4),
+    "sciworld": (3, 6),
+}
+
+
+@dataclass(frozen=True)
+class Curriculum:
+    """How group pairs are staged; ``mode`` covers the paper's ablations (``static`` = one phase with all data)."""
+
+    mode: Mode = "dual"
+    length_thresholds: tuple[int, int] = (2, 4)
+    difficulty_thresholds: tuple[float, float] = (0.7, 0.4)
+
+    @property
+    def n_phases(self) -> int:
+        return 1 if self.mode == "static" else 3
+
+    def length_level(self, group_length: int) -> int:
+        low, high = self.length_thresholds
+        return 1 if group_length <= low else 2 if group_length <= high else 3
+
+    def difficulty_level(self, reward_gap: float) -> int:
+        easy, medium = self.difficulty_thresholds
+        return 1 if reward_gap >= easy else 2 if reward_gap >= medium else 3
+
+    def first_phase(self, level: str, group_length: int | None, difficulty: float | None) -> int:
+        """The phase (1-based) from which an item is trained on; every later phase keeps it."""
+        if level != "group" or self.mode == "static":
+            return 1
+        l, d = self.length_level(group_length), self.difficulty_level(difficulty)
+        if self.mode == "length":
+            return l
+        if self.mode == "difficulty":
+            return d
+        return 1 if (l, d) == (1, 1) else 2 if (l, d) in ((1, 2), (2, 1)) else 3
+
+    def bucket(self, group_length: int, difficulty: float) -> str:
+        return f"B{self.length_level(group_length)}{self.difficulty_level(difficulty)}"
+
+
+def phase_members(first_phases: Sequence[int], phase: int) -> list[int]:
+    """Indices of the items in ``phase``: each phase is a superset of the previous one."""
+    return [i for i, first in enumerate(first_phases) if first <= phase]
+
+
+@dataclass(frozen=True)
+class Slot:
+    """One position of a batch: which item, and whether it is a filler that only evens out ranks (weight 0)."""
+
+    index: int
+    filler: bool = False
+
+
+def epoch_batches(
+    members: Sequence[int],
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    rank: int = 0,
+    world_size: int = 1,
+    n_batches: int | None = None,
+    shuffle: bool = True,
+) -> list[list[Slot]]:
+    """This rank's batches for one epoch over ``members``, identical on every run with the same arguments.
+
+    The epoch's order is a seeded permutation of the members (repeated, reshuffled, when ``n_batches`` asks for more
+    than one pass). It is padded with weight-0 fillers to a multiple of ``world_size``; each global batch of
+    ``batch_size * world_size`` slots is dealt round-robin, so ranks get disjoint shares of equal batch count and every
+    member is used exactly once per pass.
+    """
+    if not members:
+        raise ValueError("a curriculum phase with no training items")
+    order: list[int] = []
+    passes = 1 if n_batches is None else math.ceil(n_batches * batch_size * world_size / len(members))
+    for p in range(passes):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch * 1_009 + p)
+        perm = torch.randperm(len(members), generator=g).tolist() if shuffle else range(len(members))
+        order.extend(members[i] for i in perm)
+    if n_batches is not None:
+        order = order[: n_batches * batch_size * world_size]
+    slots = [Slot(i) for i in order]
+    slots += [Slot(order[j % len(order)], filler=True) for j in range(-len(order) % world_size)]
+    global_size = batch_size * world_size
+    return [
+        slots[start : start + global_size][rank::world_size] for start in range(0, len(slots), global_size)
+    ]

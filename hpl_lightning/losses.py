@@ -1,0 +1,85 @@
+"""HPL's losses as pure functions of summed log-probabilities: testable without a model.
+
+Naming follows TRL's DPO trainer: the implicit reward of a continuation is ``beta * (log pi - log pi_ref)``;
+``margin`` is chosen minus rejected reward; ``accuracy`` is the share of pairs whose margin is positive.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+LossType = Literal["sigmoid", "ipo", "hinge"]
+LEVEL_KEYS: dict[str, str] = {"trajectory": "traj", "step": "step", "group": "group"}
+
+
+@dataclass
+class PreferenceOutput:
+    """Per-pair values; callers reduce (mean over a level's pairs) and log them."""
+
+    losses: torch.Tensor
+    chosen_rewards: torch.Tensor
+    rejected_rewards: torch.Tensor
+
+    @property
+    def margins(self) -> torch.Tensor:
+        return self.chosen_rewards - self.rejected_rewards
+
+    @property
+    def accuracies(self) -> torch.Tensor:
+        return (self.margins > 0).float()
+
+
+def preference_loss(
+    policy_chosen_logps: torch.Tensor,
+    policy_rejected_logps: torch.Tensor,
+    reference_chosen_logps: torch.Tensor,
+    reference_rejected_logps: torch.Tensor,
+    beta: float = 0.3,
+    loss_type: LossType = "sigmoid",
+    label_smoothing: float = 0.0,
+) -> PreferenceOutput:
+    """DPO (``sigmoid``, with conservative label smoothing), IPO and hinge losses per pair.
+
+    ``h = (log pi(w) - log pi_ref(w)) - (log pi(l) - log pi_ref(l))`` on summed log-probs of the agent's tokens.
+    sigmoid: ``-(1-eps) log s(beta h) - eps log s(-beta h)``; ipo: ``(h - 1/(2 beta))^2``; hinge: ``max(0, 1 - beta h)``.
+    """
+    chosen_logratios = policy_chosen_logps - reference_chosen_logps
+    rejected_logratios = policy_rejected_logps - reference_rejected_logps
+    h = chosen_logratios - rejected_logratios
+    if loss_type == "sigmoid":
+        losses = -F.logsigmoid(beta * h) * (1 - label_smoothing) - F.logsigmoid(-beta * h) * label_smoothing
+    elif loss_type == "ipo":
+        losses = (h - 1 / (2 * beta)) ** 2
+    elif loss_type == "hinge":
+        losses = torch.relu(1 - beta * h)
+    else:
+        raise ValueError(f"unknown loss_type {loss_type!r}; expected sigmoid, ipo or hinge")
+    return PreferenceOutput(losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach())
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of ``values`` where ``mask``; an empty selection is an exact 0 that still carries the graph (no NaN)."""
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp_min(1)
+
+
+def hierarchical_loss(level_losses: dict[str, torch.Tensor], bc_loss: torch.Tensor | None, weights: dict[str, float]):
+    """``L = w_bc L_BC + w_traj L_traj + w_step L_step + w_group L_group``; levels missing from the batch add nothing.
+
+    ``level_losses`` maps a level key (``traj``, ``step``, ``group``) to the mean loss over that level's pairs in the
+    batch; ``weights`` maps ``bc`` and the level keys to their weights.
+    """
+    total = None
+    terms = dict(level_losses)
+    if bc_loss is not None:
+        terms["bc"] = bc_loss
+    for key, value in terms.items():
+        weighted = weights.get(key, 1.0) * value
+        total = weighted if total is None else total + weighted
+    if total is None:
+        raise ValueError("a batch with neither preference pairs nor behaviour-cloning sequences")
+    return total

@@ -1,0 +1,252 @@
+"""The LightningModule: a trainable policy, a frozen reference, and HPL's three-level DPO plus behaviour cloning.
+
+One forward pass of the policy over a batch scores every sequence (pairs' chosen and rejected continuations and
+expert trajectories); the reference runs under ``no_grad`` on the pair sequences only. Log-probs are summed over the
+agent's tokens (``batch['scored']``), so observations and instructions never receive gradient.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+from transformers import get_scheduler
+
+from hpl_lightning.data import LEVEL_CODES
+from hpl_lightning.losses import LEVEL_KEYS, LossType, hierarchical_loss, masked_mean, preference_loss
+from hpl_lightning.models import LoraSettings, Quantization, apply_lora, load_causal_lm
+
+log = logging.getLogger(__name__)
+PAIR_STATS = ("loss", "rewards_chosen", "rewards_rejected", "margin", "accuracy")
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """``L = bc * L_BC + traj * L_traj + step * L_step + group * L_group`` (the paper uses 1 for all)."""
+
+    bc: float = 1.0
+    traj: float = 1.0
+    step: float = 1.0
+    group: float = 1.0
+
+
+@dataclass(frozen=True)
+class Optimization:
+    """AdamW with warmup then decay; the paper's HPL stage: lr 1e-6 (3e-6 ALFWorld), cosine, warmup 0.1."""
+
+    lr: float = 1e-6
+    weight_decay: float = 0.0
+    betas: tuple[float, float] = (0.9, 0.999)
+    scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
+    warmup_ratio: float = 0.1
+
+
+class HPLModule(L.LightningModule):
+    """Hierarchical preference learning (and plain SFT: give it expert trajectories only).
+
+    ``policy``/``reference``: a Hugging Face name, a local checkpoint, or ``hpl-tiny`` (the bundled tiny config).
+    With ``reference=None`` the reference is the policy's starting point: the LoRA base with adapters disabled (no
+    second copy), or a frozen copy for full fine-tuning. ``bc_on_chosen`` adds the chosen continuations of pairs to
+    the behaviour-cloning term (IPR's choice); expert trajectories in the data always count (the paper's Eq. 1).
+    """
+
+    def __init__(
+        self,
+        policy: str = "hpl-tiny",
+        reference: str | None = None,
+        beta: float = 0.3,
+        loss_type: LossType = "sigmoid",
+        label_smoothing: float = 0.0,
+        weights: LossWeights = LossWeights(),
+        bc_on_chosen: bool = True,
+        optim: Optimization = Optimization(),
+        lora: LoraSettings | None = None,
+        quantization: Quantization = "none",
+        dtype: str = "float32",
+        gradient_checkpointing: bool = False,
+        attn_implementation: str | None = None,
+        init_seed: int = 0,
+    ):
+        super().__init__()
+        if quantization != "none" and lora is None:
+            raise ValueError("quantized (QLoRA) training needs model.lora: 4/8-bit base weights cannot be trained")
+        self.save_hyperparameters()
+        # Dataclass settings are kept as objects: under LightningCLI ``hparams`` holds their raw config (dicts).
+        self.weights, self.optim, self.lora = weights, optim, lora
+        self.policy: torch.nn.Module | None = None
+        self.reference: torch.nn.Module | None = None
+        self.metrics = torch.nn.ModuleDict(
+            {
+                _metric_key(stage, level, stat): MeanMetric()
+                for stage in ("train", "val", "test")
+                for level in (*LEVEL_KEYS.values(), "bc")
+                for stat in (PAIR_STATS if level != "bc" else ("loss",))
+            }
+        )
+
+    # -- models --------------------------------------------------------------------------------------------------
+    def configure_model(self) -> None:
+        """Builds policy and reference once (Lightning may call it again, e.g. under FSDP)."""
+        if self.policy is not None:
+            return
+        hp = self.hparams
+        policy = load_causal_lm(hp.policy, hp.dtype, hp.quantization, hp.init_seed, hp.attn_implementation)
+        if hp.gradient_checkpointing:
+            policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            policy.config.use_cache = False
+        reference = None
+        if hp.reference is not None:
+            reference = load_causal_lm(hp.reference, hp.dtype, hp.quantization, hp.init_seed, hp.attn_implementation)
+        elif self.lora is None:
+            reference = copy.deepcopy(policy)
+        if self.lora is not None:
+            policy = apply_lora(policy, self.lora, hp.quantization != "none", hp.gradient_checkpointing)
+        if reference is not None:
+            reference.requires_grad_(False)
+            reference.eval()
+        self.policy, self.reference = policy, reference
+
+    def train(self, mode: bool = True) -> "HPLModule":
+        super().train(mode)
+        if self.reference is not None:
+            self.reference.eval()  # dropout off in the reference, always
+        return self
+
+    # -- log-probs -----------------------------------------------------------------------------------------------
+    @staticmethod
+    def sequence_logps(model: torch.nn.Module, batch: dict[str, Any], rows: slice = slice(None)):
+        """Summed log-prob of the scored tokens per row, and the number of scored tokens."""
+        input_ids, attention_mask = batch["input_ids"][rows], batch["attention_mask"][rows]
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
+        labels, mask = input_ids[:, 1:], batch["scored"][rows, 1:]
+        token_logps = -F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
+        return (token_logps * mask).sum(-1), mask.sum(-1), token_logps
+
+    def reference_logps(self, batch: dict[str, Any], rows: slice) -> torch.Tensor:
+        with torch.no_grad():
+            if self.reference is not None:
+                return self.sequence_logps(self.reference, batch, rows)[0]
+            with self.policy.disable_adapter():
+                return self.sequence_logps(self.policy, batch, rows)[0]
+
+    # -- steps ---------------------------------------------------------------------------------------------------
+    def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        hp = self.hparams
+        n = batch["n_pairs"]
+        logps, n_tokens, token_logps = self.sequence_logps(self.policy, batch)
+        level_losses: dict[str, torch.Tensor] = {}
+        if n:
+            ref = self.reference_logps(batch, slice(0, 2 * n))
+            out = preference_loss(
+                logps[:n], logps[n : 2 * n], ref[:n], ref[n:], hp.beta, hp.loss_type, hp.label_smoothing
+            )
+            for level, key in LEVEL_KEYS.items():
+                mask = (batch["pair_level"] == LEVEL_CODES[level]) & (batch["pair_weight"] > 0)
+                if not mask.any():
+                    continue  # a level absent from the batch contributes nothing
+                level_losses[key] = masked_mean(out.losses, mask)
+                self._track(stage, key, out, mask)
+        pair_weight = batch["pair_weight"]
+        bc_rows = torch.cat([pair_weight * hp.bc_on_chosen, torch.zeros_like(pair_weight), batch["bc_weight"]])
+        bc_loss = None
+        if bc_rows.any():
+            token_mask = batch["scored"][:, 1:] * bc_rows[:, None]
+            bc_loss = -(token_logps * token_mask).sum() / token_mask.sum().clamp_min(1)
+            self._update(stage, "bc", "loss", bc_loss.detach(), token_mask.sum())
+        loss = hierarchical_loss(level_losses, bc_loss, asdict(self.weights))
+        if stage == "train":
+            self.log("train/loss", loss, prog_bar=True, batch_size=max(len(batch["ids"]), 1))
+            self.log("curriculum/phase", float(batch.get("phase", 0)), batch_size=1)
+        return loss
+
+    def _track(self, stage: str, level: str, out, mask: torch.Tensor) -> None:
+        values = {
+            "loss": out.losses.detach(),
+            "rewards_chosen": out.chosen_rewards,
+            "rewards_rejected": out.rejected_rewards,
+            "margin": out.margins,
+            "accuracy": out.accuracies,
+        }
+        for stat, value in values.items():
+            self._update(stage, level, stat, value[mask], torch.ones_like(value[mask]))
+
+    def _update(self, stage: str, level: str, stat: str, value: torch.Tensor, weight: torch.Tensor) -> None:
+        """Train metrics are logged per step (the batch's value); val/test metrics as exact epoch means."""
+        metric = self.metrics[_metric_key(stage, level, stat)]
+        name = f"{stage}/{level}/{stat}"
+        if stage == "train":
+            metric(value, weight)
+            self.log(name, metric, on_step=True, on_epoch=False)
+        else:
+            metric.update(value, weight)
+            self.log(name, metric, on_step=False, on_epoch=True)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        self._step(batch, "test")
+
+    def on_train_start(self) -> None:
+        datamodule = getattr(self.trainer, "datamodule", None)
+        if self.logger is not None and hasattr(datamodule, "bucket_counts"):
+            counts = {f"curriculum/count_{name}": float(n) for name, n in datamodule.bucket_counts().items()}
+            self.logger.log_metrics(counts, step=self.global_step)
+
+    # -- optimisation --------------------------------------------------------------------------------------------
+    def configure_optimizers(self) -> dict[str, Any]:
+        optim = self.optim
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas)
+        total = self._total_steps()
+        scheduler = get_scheduler(
+            optim.scheduler, optimizer, num_warmup_steps=int(optim.warmup_ratio * total), num_training_steps=total
+        )
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _total_steps(self) -> int:
+        """Optimizer steps of the whole run, from the curriculum plan.
+
+        ``trainer.estimated_stepping_batches`` is avoided on purpose: in Lightning 2.6 calling it with ``max_epochs``
+        silently prevents the train loader's position from being restored on resume (Lightning issue #20550).
+        """
+        trainer = self.trainer
+        if trainer.max_steps > 0:
+            return trainer.max_steps
+        datamodule = trainer.datamodule
+        accumulate = trainer.accumulate_grad_batches
+        return sum(-(-datamodule.batches_per_epoch(e) // accumulate) for e in range(trainer.max_epochs))
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+    def _saved_keys(self, state_dict: dict[str, torch.Tensor]) -> list[str]:
+        """Policy weights only; with LoRA only the adapter (the base is reloaded from ``policy``)."""
+        trainable = {f"policy.{name}" for name, p in self.policy.named_parameters() if p.requires_grad}
+        lora = self.lora is not None
+        return [k for k in state_dict if k.startswith("policy.") and (not lora or k in trainable)]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint.get("state_dict")
+        if state is not None:
+            keep = set(self._saved_keys(state)) | {k for k in state if k.startswith("metrics.")}
+            checkpoint["state_dict"] = {k: v for k, v in state.items() if k in keep}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.strict_loading = False  # the reference and a LoRA base are not in the checkpoint, by design
+        state = checkpoint.get("state_dict")
+        if state is not None and self.policy is not None:
+            missing = [k for k in self._saved_keys(self.state_dict()) if k not in state]
+            if missing:
+                raise KeyError(f"checkpoint lacks {len(missing)} policy weights, e.g. {missing[:3]}")
+
+
+def _metric_key(stage: str, level: str, stat: str) -> str:
+    return f"{stage}_{level}_{stat}"
