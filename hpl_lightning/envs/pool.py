@@ -1,0 +1,102 @@
+"""A pool of environments for evaluation and rollouts: N episodes in flight, one per environment.
+
+Threads suffice: each environment's work happens in its own backend process (a JVM, a database server) and the
+Python side waits on sockets, which releases the GIL. The pool only hands out environments and collects results;
+restarting a dead backend is the environment's job (see ``SciWorldEnv``), and a failure it cannot repair reaches the
+caller as an ``EnvironmentCrashed`` value, never as a silently wrong reward.
+"""
+
+from __future__ import annotations
+
+import atexit
+import queue
+from concurrent.futures import Future, ThreadPoolExecutor, as_completed, wait
+from typing import Callable, Generic, Iterable, Iterator, Mapping, TypeVar
+
+from hpl_lightning.envs.base import Environment, EnvironmentCrashed
+
+E = TypeVar("E", bound=Environment)
+T = TypeVar("T")
+R = TypeVar("R")
+
+
+class EnvPool(Generic[E]):
+    """``size`` environments built by ``make_env``; closed on ``close``, on leaving ``with``, and at interpreter exit.
+
+    Two ways to use it (one at a time):
+    - ``map(fn, items)``: whole episodes (gold paths, rollouts); ``fn(env, item)`` runs on whichever env is free.
+    - ``each({slot: fn})``: one call per env slot, concurrently; the lock-step form a batched generation loop needs
+      (generate the next action of every in-flight episode in one batch, then step all their envs at once).
+    """
+
+    def __init__(self, make_env: Callable[[], E], size: int = 1):
+        if size < 1:
+            raise ValueError(f"pool size must be >= 1, got {size}")
+        self._executor = ThreadPoolExecutor(size, thread_name_prefix="env-pool")
+        self.envs: list[E] = []
+        self._closed = False
+        atexit.register(self.close)
+        futures = [self._executor.submit(make_env) for _ in range(size)]  # JVMs start in parallel
+        wait(futures)
+        self.envs = [f.result() for f in futures if f.exception() is None]
+        if len(self.envs) < size:
+            self.close()
+            raise next(f.exception() for f in futures if f.exception() is not None)
+
+    @property
+    def size(self) -> int:
+        return len(self.envs)
+
+    def map(self, fn: Callable[[E, T], R], items: Iterable[T]) -> Iterator[tuple[T, R | EnvironmentCrashed]]:
+        """Yields ``(item, fn(env, item))`` as episodes finish (not in input order); a crash is yielded, not raised.
+
+        Any other exception is a bug and propagates. Leaving the loop early cancels the items not yet started.
+        """
+        free: queue.SimpleQueue[E] = queue.SimpleQueue()
+        for env in self.envs:
+            free.put(env)
+
+        def run(item: T) -> R:
+            env = free.get()  # never blocks long: as many threads as envs
+            try:
+                return fn(env, item)
+            finally:
+                free.put(env)
+
+        futures: dict[Future[R], T] = {self._executor.submit(run, item): item for item in items}
+        try:
+            for future in as_completed(futures):
+                try:
+                    yield futures[future], future.result()
+                except EnvironmentCrashed as e:
+                    yield futures[future], e
+        finally:
+            for future in futures:
+                future.cancel()
+
+    def each(self, calls: Mapping[int, Callable[[E], R]]) -> dict[int, R | EnvironmentCrashed]:
+        """Runs ``calls[slot](self.envs[slot])`` for every given slot concurrently; returns results by slot."""
+        futures = {slot: self._executor.submit(fn, self.envs[slot]) for slot, fn in calls.items()}
+        out: dict[int, R | EnvironmentCrashed] = {}
+        for slot, future in futures.items():
+            try:
+                out[slot] = future.result()
+            except EnvironmentCrashed as e:
+                out[slot] = e
+        return out
+
+    def close(self) -> None:
+        """Stops every environment's processes; calls still in flight then fail fast with ``EnvironmentCrashed``."""
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self.close)
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        for env in self.envs:
+            env.close()
+
+    def __enter__(self) -> "EnvPool[E]":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
