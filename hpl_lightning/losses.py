@@ -41,11 +41,15 @@ def preference_loss(
     beta: float = 0.3,
     loss_type: LossType = "sigmoid",
     label_smoothing: float = 0.0,
+    chosen_tokens: torch.Tensor | None = None,
+    rejected_tokens: torch.Tensor | None = None,
 ) -> PreferenceOutput:
     """DPO (``sigmoid``, with conservative label smoothing), IPO and hinge losses per pair.
 
     ``h = (log pi(w) - log pi_ref(w)) - (log pi(l) - log pi_ref(l))`` on summed log-probs of the agent's tokens.
-    sigmoid: ``-(1-eps) log s(beta h) - eps log s(-beta h)``; ipo: ``(h - 1/(2 beta))^2``; hinge: ``max(0, 1 - beta h)``.
+    sigmoid: ``-(1-eps) log s(beta h) - eps log s(-beta h)``; hinge: ``max(0, 1 - beta h)``; ipo:
+    ``(h' - 1/(2 beta))^2`` where ``h'`` uses per-token log-ratios (divided by ``chosen_tokens``/``rejected_tokens``),
+    as TRL does, so the squared loss does not grow with the length of the continuation.
     """
     chosen_logratios = policy_chosen_logps - reference_chosen_logps
     rejected_logratios = policy_rejected_logps - reference_rejected_logps
@@ -53,7 +57,10 @@ def preference_loss(
     if loss_type == "sigmoid":
         losses = -F.logsigmoid(beta * h) * (1 - label_smoothing) - F.logsigmoid(-beta * h) * label_smoothing
     elif loss_type == "ipo":
-        losses = (h - 1 / (2 * beta)) ** 2
+        if chosen_tokens is None or rejected_tokens is None:
+            raise ValueError("the ipo loss needs the number of scored tokens of each continuation")
+        h_per_token = chosen_logratios / chosen_tokens.clamp_min(1) - rejected_logratios / rejected_tokens.clamp_min(1)
+        losses = (h_per_token - 1 / (2 * beta)) ** 2
     elif loss_type == "hinge":
         losses = torch.relu(1 - beta * h)
     else:

@@ -144,7 +144,8 @@ class HPLModule(L.LightningModule):
         if n:
             ref = self.reference_logps(batch, slice(0, 2 * n))
             out = preference_loss(
-                logps[:n], logps[n : 2 * n], ref[:n], ref[n:], hp.beta, hp.loss_type, hp.label_smoothing
+                logps[:n], logps[n : 2 * n], ref[:n], ref[n:], hp.beta, hp.loss_type, hp.label_smoothing,
+                n_tokens[:n], n_tokens[n : 2 * n],
             )
             for level, key in LEVEL_KEYS.items():
                 mask = (batch["pair_level"] == LEVEL_CODES[level]) & (batch["pair_weight"] > 0)

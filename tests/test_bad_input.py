@@ -1,0 +1,83 @@
+"""Bad data stops `train.py` before training starts, naming file, line and field."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hpl_lightning.cli import main
+from tests.synthetic import make_records, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _fit_args(tmp_path: Path, train: Path, *extra: str) -> list[str]:
+    return [
+        "fit", f"--data.train_path={train}", "--trainer.max_steps=2", "--trainer.accelerator=cpu",
+        f"--trainer.default_root_dir={tmp_path}", f"--trainer.logger.init_args.save_dir={tmp_path}",
+        f"--checkpoint.dirpath={tmp_path / 'ckpt'}", "--data.max_length=512", *extra,
+    ]
+
+
+def _broken(tmp_path: Path, line: int, edit) -> Path:
+    records = make_records(n_tasks=1)
+    lines = [json.dumps(r) for r in records]
+    lines[line - 1] = edit(records[line - 1])
+    path = tmp_path / "train.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _without(key):
+    return lambda r: json.dumps({k: v for k, v in r.items() if k != key})
+
+
+CASES = {
+    "malformed json": (3, lambda r: json.dumps(r)[:-5], r"train.jsonl:3: malformed JSON"),
+    "missing field": (2, _without("rejected_reward"), r"train.jsonl:2: field 'rejected_reward': missing"),
+    "unknown level": (3, lambda r: json.dumps({**r, "level": "turn"}), r"train.jsonl:3: field 'level': unknown"),
+    "empty chosen": (4, lambda r: json.dumps({**r, "chosen": []}), r"train.jsonl:4: field 'chosen': empty"),
+    "no agent turn": (2, lambda r: json.dumps({**r, "rejected": [{"role": "user", "content": "x"}]}),
+                      r"train.jsonl:2: field 'rejected': no assistant turn"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_invalid_record_exits_before_training(tmp_path, capsys, case):
+    line, edit, message = CASES[case]
+    train = _broken(tmp_path, line, edit)
+    with pytest.raises(SystemExit) as exit_info:
+        main(_fit_args(tmp_path, train))
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_nothing_scorable_after_truncation_names_the_field(tmp_path, capsys):
+    # the task statement alone is longer than max_length: truncation cannot keep any agent token
+    records = make_records(n_tasks=1)
+    task = {"role": "user", "content": "very long task statement " * 100}
+    records[1]["prompt"] = records[1]["prompt"][:2] + [task]
+    train = write_jsonl(tmp_path / "train.jsonl", records)
+    with pytest.raises(SystemExit):
+        main(_fit_args(tmp_path, train, "--data.max_length=200"))
+    assert "train.jsonl:2: field 'chosen': no agent token left to score within max_length 200" in capsys.readouterr().err
+
+
+def test_bad_validation_file_fails_before_training_too(tmp_path):
+    """As a user runs it: a subprocess, non-zero exit, one clear line, no checkpoint written."""
+    train = write_jsonl(tmp_path / "train.jsonl", make_records(n_tasks=1))
+    val = tmp_path / "val.jsonl"
+    val.write_text(json.dumps({**make_records(n_tasks=1)[1], "id": 7, "chosen_reward": "high"}) + "\n")
+    proc = subprocess.run(
+        [sys.executable, "train.py", *_fit_args(tmp_path, train, f"--data.val_path={val}")],
+        cwd=ROOT, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 2
+    assert "val.jsonl:1: field 'chosen_reward': expected a finite number" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "ckpt").exists()

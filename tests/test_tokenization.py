@@ -1,0 +1,67 @@
+"""The over-long policy: oldest history turns go first, the task statement never; every drop is counted."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from hpl_lightning.models import TINY_MODEL, load_tokenizer
+from hpl_lightning.schema import DataError, parse_pair
+from hpl_lightning.tokenization import ChatTokenizer, TokenizationReport, head_length
+from tests.synthetic import head, turns
+
+
+def _step_pair(n_history: int):
+    rng = random.Random(0)
+    h = head(rng, 0)
+    return parse_pair({
+        "id": "s", "task_id": "t", "level": "step", "prompt": h + turns(rng, n_history),
+        "chosen": turns(rng, 2), "rejected": turns(rng, 1), "chosen_reward": 1.0, "rejected_reward": 0.0,
+    })
+
+
+def _length(chat: ChatTokenizer, messages) -> int:
+    return len(chat.encode(messages, len(messages)).input_ids)
+
+
+def test_head_length_covers_the_eto_layout():
+    h = head(random.Random(0), 0)
+    assert head_length(h + turns(random.Random(0), 2)) == 3
+    assert head_length([{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
+                        {"role": "assistant", "content": "Action: x"}]) == 2
+
+
+def test_truncate_drops_oldest_turns_but_keeps_the_task_statement():
+    tokenizer = load_tokenizer(str(TINY_MODEL))
+    pair = _step_pair(n_history=6)
+    full = ChatTokenizer(tokenizer, 100_000)(pair, TokenizationReport(), "f", 1)
+    limit = len(full.chosen.input_ids) - 20  # too long by a little: one or two old turns must go
+    report = TokenizationReport()
+    example = ChatTokenizer(tokenizer, limit, "truncate")(pair, report, "f", 1)
+    assert report.history_truncated == 1 and report.tail_truncated == 0
+    assert len(example.chosen.input_ids) <= limit and len(example.rejected.input_ids) <= limit
+    text = tokenizer.decode(example.chosen.input_ids)
+    assert pair.prompt[2]["content"] in text  # the task statement survives
+    assert pair.prompt[3]["content"] not in text  # the oldest action went first
+    assert pair.prompt[-1]["content"] in text  # the latest observation stays
+    # the scored continuation is untouched
+    assert example.chosen.n_scored == full.chosen.n_scored
+
+
+def test_drop_and_error_policies():
+    tokenizer = load_tokenizer(str(TINY_MODEL))
+    pair = _step_pair(n_history=6)
+    report = TokenizationReport()
+    assert ChatTokenizer(tokenizer, 50, "drop")(pair, report, "f.jsonl", 9) is None
+    assert report.dropped["over-long"] == 1 and "1 over-long" in report.summary()
+    with pytest.raises(DataError, match="f.jsonl:9: .*over max_length 50"):
+        ChatTokenizer(tokenizer, 50, "error")(pair, TokenizationReport(), "f.jsonl", 9)
+
+
+def test_unscorable_drop_is_reported_not_silent():
+    tokenizer = load_tokenizer(str(TINY_MODEL))
+    pair = _step_pair(n_history=0)
+    report = TokenizationReport()
+    assert ChatTokenizer(tokenizer, 30, "truncate", unscorable="drop")(pair, report, "f", 1) is None
+    assert report.dropped["nothing scorable"] == 1
