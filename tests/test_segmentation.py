@@ -232,8 +232,10 @@ def test_embedding_valid_covers_on_real_trajectories(
     assert [len(s) for s in sims] == [n_actions(t) - 1 for t in real]
     assert all(-1.0001 <= x <= 1.0001 for s in sims for x in s)
     model = embedder.model
-    # a percentile threshold and size limits (the default config runs in the every-segmenter test)
-    monkeypatch.setattr(embedder, "config", EmbeddingConfig(percentile=30, min_group=2, max_group=3))
+    # a percentile threshold, size limits, actions alone (the default config runs in the every-segmenter test)
+    monkeypatch.setattr(
+        embedder, "config", EmbeddingConfig(percentile=30, min_group=2, max_group=3, include_observation=False)
+    )
     covers = embedder.segment_many(real)
     assert embedder.model is model  # loaded once, reused
     for t, cover in zip(real, covers):
@@ -343,7 +345,7 @@ class FakeChatServer:
 
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
 
     def answer(self, key: str, *replies: str | tuple[int, str]) -> None:
         self.replies[key] = [r if isinstance(r, tuple) else (200, r) for r in replies]
