@@ -3,7 +3,7 @@
 #
 # Idempotent: installs mariadb-server if no server binary exists (needs root + apt), initialises a data directory
 # under $HPL_MYSQL_DIR, starts the server unless it already runs, loads the dump unless a marker says it was loaded.
-# Configured like InterCode's MySQL 8 container: lower_case_table_names=1 and MySQL 8's default sql_mode.
+# Configured like InterCode's MySQL 8 container: lower_case_table_names=1 (and MySQL 8's sql_mode, see below).
 # Logs go to stderr; the only stdout line is the URL for --db-url (e.g. mysql://admin:admin@127.0.0.1:3307).
 #
 # Environment: HPL_MYSQL_DIR (default /tmp/hpl-mysql), HPL_MYSQL_PORT (default 3307),
@@ -17,8 +17,9 @@ port="${HPL_MYSQL_PORT:-3307}"
 dump="${HPL_MYSQL_DUMP:-$repo/../shared/data/intercode_sql/ic_spider_dbs.sql}"
 sock="$dir/mysqld.sock"
 url="mysql://admin:admin@127.0.0.1:$port"
-# MySQL 8's default; MariaDB's differs (no ONLY_FULL_GROUP_BY), which would change which agent queries fail.
-sql_mode="ONLY_FULL_GROUP_BY,STRICT_TRANS_TABLES,NO_ZERO_IN_DATE,NO_ZERO_DATE,ERROR_FOR_DIVISION_BY_ZERO,NO_ENGINE_SUBSTITUTION"
+# MySQL 8's default without ONLY_FULL_GROUP_BY, which MariaDB applies without MySQL 8's functional-dependency rules
+# (see SQL_MODE in hpl_lightning/envs/intercode_sql.py; the env also sets it per session).
+sql_mode="STRICT_TRANS_TABLES,NO_ZERO_IN_DATE,NO_ZERO_DATE,ERROR_FOR_DIVISION_BY_ZERO,NO_ENGINE_SUBSTITUTION"
 
 log() { echo "[start_mysql] $*" >&2; }
 die() { log "ERROR: $*"; exit 1; }

@@ -1,0 +1,336 @@
+"""InterCode-SQL: InterCode's reward (pure), replay fidelity, episode isolation, and a server that goes away."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import random
+import shutil
+import socket
+import subprocess
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Iterator
+
+import pymysql
+import pytest
+
+from hpl_lightning.envs.base import EnvironmentCrashed
+from hpl_lightning.envs.intercode_replay import replay
+from hpl_lightning.envs.intercode_sql import (
+    DEFAULT_DATA_DIR,
+    NO_CODE_OBSERVATION,
+    DbUrl,
+    IntercodeSqlEnv,
+    intercode_reward,
+    kendall_tau_b,
+    parse_react_action,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+RECORDINGS = DEFAULT_DATA_DIR / "gpt-3.5_react_10_turns.json"
+POKER = 0  # task 0: db poker_player (tables people, poker_player; poker_player references people)
+
+
+# ------------------------------------------------------------------------------------------------ reward (pure)
+@pytest.mark.parametrize(
+    ("agent", "gold", "expected"),
+    [
+        ([(1, "a"), (2, "b")], [(1, "a"), (2, "b")], 1.0),  # same rows, same order
+        ([], [], 1.0),  # both empty
+        ([(2,), (1,)], [(1,), (2,)], -1.0),  # reversed order: tau -1 scales the IoU of 1
+        ([(1,), (2,)], [(1,), (2,), (3,)], 0.67),  # IoU 2/3, order agrees, rounded
+        ([(1,), (3,), (2,)], [(1,), (2,), (3,)], 0.33),  # IoU 1, tau 1/3
+        ([(1,), (1,)], [(1,)], 0.5),  # multisets: IoU 1/2; one shared row, tau undefined: unscaled
+        ([(1,), (9,)], [(1,), (7,), (8,)], 0.25),  # one shared row: IoU 1/4 unscaled
+        ([(1,)], [(1,), (2,), (3,)], 1 / 3),  # tau undefined: IoU neither scaled nor rounded
+        ([(1,)], [("1",)], 0.0),  # rows compare as str(row): 1 != '1'
+        ([], [(1,)], 0.0),
+        (None, [], 0.0),  # a statement without a result set scores 0, even against an empty gold
+        ("Error executing query: boom", [], 0.0),
+    ],
+)
+def test_intercode_reward(agent: object, gold: list, expected: float) -> None:
+    assert intercode_reward(agent, gold) == pytest.approx(expected)  # type: ignore[arg-type]
+
+
+def test_kendall_tau_b_matches_scipy() -> None:
+    stats = pytest.importorskip("scipy.stats")
+    rng = random.Random(0)
+    for _ in range(200):
+        n, k = rng.randint(2, 40), rng.randint(1, 10)
+        x = [str(rng.randint(0, k)) for _ in range(n)]
+        y = x[:]
+        rng.shuffle(y)
+        ours, theirs = kendall_tau_b(x, y), stats.kendalltau(x, y).statistic
+        assert (math.isnan(ours) and math.isnan(theirs)) or ours == theirs
+
+
+def test_parse_react_action() -> None:
+    assert parse_react_action("submit") == ("submit", True)
+    assert parse_react_action("execute[SELECT 1; DROP TABLE t]") == ("SELECT 1", True)
+    assert parse_react_action("execute[SELECT a\nFROM t]") == ("SELECT a\nFROM t", True)
+    assert parse_react_action("execute[SELECT a FROM t WHERE x IN (SELECT") == (
+        "execute[SELECT a FROM t WHERE x IN (SELECT", False)
+    assert parse_react_action("SHOW TABLES")[1] is False
+
+
+def test_db_url() -> None:
+    url = DbUrl.parse("mysql://ad%40min:p%3Ass@db.local:3310?unix_socket=/tmp/s.sock&ssl=true")
+    assert (url.user, url.password, url.host, url.port, url.unix_socket, url.ssl) == (
+        "ad@min", "p:ss", "db.local", 3310, "/tmp/s.sock", True)
+    with pytest.raises(ValueError):
+        DbUrl.parse("postgres://x@y")
+
+
+def test_splits() -> None:
+    env = IntercodeSqlEnv()  # no server needed for tasks
+    test, train = env.tasks("test"), env.tasks("train")
+    assert len(test) == 200 and len(train) == 834
+    assert test[0].id == "intercode_sql/0" and test[0].meta["db"] == "poker_player"
+    assert {t.id for t in test}.isdisjoint(t.id for t in train)
+
+
+# ------------------------------------------------------------------------------------------------ with a server
+def admin_rows(url: str, db: str, sql: str) -> list[tuple]:
+    """Reads the shared database directly, bypassing the environment."""
+    u = DbUrl.parse(url)
+    connection = pymysql.connect(host=u.host, port=u.port, user=u.user, password=u.password, database=db)
+    try:
+        with connection.cursor() as cur:
+            cur.execute(sql)
+            return list(cur.fetchall())
+    finally:
+        connection.close()
+
+
+@pytest.fixture
+def env(mysql_url: str) -> Iterator[IntercodeSqlEnv]:
+    with IntercodeSqlEnv(db_url=mysql_url) as e:
+        yield e  # type: ignore[misc]
+
+
+@pytest.mark.mysql
+def test_react_episode(env: IntercodeSqlEnv) -> None:
+    task = env.task(POKER)
+    assert env.reset(task) == ""
+    assert env.step("execute[SELECT name FROM poker_players]").observation.startswith("Error executing query: Table")
+    step = env.step("I think I should look at the tables")
+    assert step.observation == NO_CODE_OBSERVATION and not step.done
+    assert env.step("execute[SHOW TABLES]").observation == "[('people',), ('poker_player',)]"
+    assert env.step(f"execute[{task.meta['gold']};]").reward == 0  # only submit is scored
+    final = env.step("submit")
+    assert final.done and final.reward == 1 and final.info["success"] and not final.info["mutated"]
+
+
+@pytest.mark.mysql
+def test_react_auto_submit_and_truncation(mysql_url: str) -> None:
+    with IntercodeSqlEnv(db_url=mysql_url, max_turns=2) as env:
+        task = env.task(POKER)
+        env.reset(task)
+        first = env.step("execute[SELECT * FROM people, poker_player]")
+        assert len(first.observation) == 350 and not first.done
+        last = env.step(f"execute[{task.meta['gold']}]")  # the turn limit submits for the agent
+        assert last.done and last.reward == 1 and last.info["auto_submit"]
+
+
+@pytest.mark.mysql
+def test_sql_format_scores_every_query(mysql_url: str) -> None:
+    with IntercodeSqlEnv(db_url=mysql_url, action_format="sql") as env:
+        task = env.task(POKER)
+        env.reset(task)
+        wrong = env.step(task.meta["gold"] + " LIMIT 3")
+        assert not wrong.done and wrong.reward == 0.6  # IoU 3/5, same order
+        right = env.step(task.meta["gold"] + ";")
+        assert right.done and right.reward == 1
+
+
+@pytest.mark.mysql
+def test_replay_sample_agrees(mysql_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    result = replay(str(RECORDINGS), db_url=mysql_url, every=26)  # 40 episodes spread over all databases
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert lines[-1] == f"agreement: {result['matched']}/{result['total']}"
+    assert result["total"] == 40 and result["mutated"] == 0
+    assert result["matched"] / result["total"] >= 0.95, lines
+
+
+@pytest.mark.mysql
+def test_replay_multiturn_style_and_mutations(mysql_url: str, tmp_path: Path) -> None:
+    gold = IntercodeSqlEnv().task(POKER).meta["gold"]
+
+    def episode(actions: list[str], rewards: list[float], observations: list[str] | None = None) -> dict:
+        observations = observations or ["" for _ in actions]
+        history = {"actions": actions, "rewards": rewards, "observations": observations}
+        return {"task_id": POKER, "turn_history": history}
+
+    recordings = {
+        "0": episode([gold + " LIMIT 3", "blocked", gold], [0.6, 0, 1]),  # multi-turn: every query scored
+        "1": episode(["Let me think", gold], [0, 1], ["No sql code was found in your last response.", ""]),
+        "2": episode(["DELETE FROM poker_player", "SELECT * FROM poker_player"], [0, 0]),  # mutates: excluded
+        "3": episode(["execute[SHOW TABLES]", "submit"], [0, 0.5]),  # ReAct, wrong recorded reward: disagrees
+    }
+    path = tmp_path / "rec.json"
+    path.write_text(json.dumps(recordings))
+    result = replay(str(path), db_url=mysql_url)
+    assert (result["matched"], result["total"], result["mutated"]) == (2, 3, 1)
+    assert result["disagreements"][0]["task_id"] == "intercode_sql/0" and result["disagreements"][0]["turn"] == 1
+
+
+@pytest.mark.mysql
+def test_episode_isolation(mysql_url: str) -> None:
+    """Destructive episodes change only their own copy; the shared database, later and parallel episodes are intact."""
+    with IntercodeSqlEnv(db_url=mysql_url, max_turns=100) as a, IntercodeSqlEnv(db_url=mysql_url, max_turns=100) as b:
+        task = a.task(POKER)
+        people = admin_rows(mysql_url, "poker_player", "SELECT * FROM people ORDER BY People_ID")
+        a.reset(task)
+        b.reset(task)  # in flight at the same time as a's episode
+        assert a.step("execute[DELETE FROM poker_player]").observation == "None"
+        assert a.step("execute[DROP TABLE poker_player]").observation == "None"
+        assert a.step("execute[DELETE FROM people]").info["mutated"]
+        assert a.step("execute[CREATE TABLE intruder (x INT)]").observation == "None"
+        assert a.step("execute[SHOW TABLES]").observation == "[('intruder',), ('people',)]"
+        assert a.step("execute[SELECT COUNT(*) FROM people]").observation == "[(0,)]"
+        for escape in ("USE concert_singer", "SELECT * FROM concert_singer.singer", "DROP DATABASE concert_singer",
+                       "CREATE DATABASE evil", "SELECT * FROM mysql.user"):
+            assert "denied" in a.step(f"execute[{escape}]").observation, escape
+        assert a.step("execute[USE poker_player]").observation == "None"  # its own database: the copy
+        assert a.step("execute[SELECT COUNT(*) FROM people]").observation == "[(0,)]"
+        assert a.mutated
+
+        # b ran alongside a and sees none of it; it mutates too, in its own copy
+        assert b.step("execute[SHOW TABLES]").observation == "[('people',), ('poker_player',)]"
+        assert b.step("execute[SELECT COUNT(*) FROM people]").observation == f"[({len(people)},)]"
+        b.step("execute[UPDATE people SET Name = 'X']")
+        assert a.step("execute[SELECT COUNT(*) FROM people]").observation == "[(0,)]"
+        assert not a.step(f"execute[{task.meta['gold']}]").done
+        assert a.step("submit").reward == 0  # scored against the pristine gold, not the emptied tables
+
+        # the shared database is unchanged, and the next episode's gold query gives the same answer
+        assert admin_rows(mysql_url, "poker_player", "SELECT * FROM people ORDER BY People_ID") == people
+        a.reset(task)
+        assert a.step("execute[SHOW TABLES]").observation == "[('people',), ('poker_player',)]"
+        a.step(f"execute[{task.meta['gold']}]")
+        assert a.step("submit").reward == 1
+    leftovers = admin_rows(mysql_url, "mysql", "SELECT User FROM mysql.user WHERE User LIKE 'hplep%'")
+    schemas = admin_rows(mysql_url, "mysql", "SHOW DATABASES LIKE 'hplep%'")
+    assert leftovers == [] and schemas == []
+
+
+@pytest.mark.mysql
+def test_parallel_episodes_in_threads(mysql_url: str) -> None:
+    """Four episodes on one database in flight at once (threads): two write, each sees only its own change."""
+    writes = {0: "DELETE FROM poker_player", 1: "UPDATE people SET Name = 'X'"}
+    probe = "SELECT (SELECT COUNT(*) FROM poker_player), (SELECT COUNT(*) FROM people WHERE Name = 'X')"
+    in_flight = threading.Barrier(4)
+    seen: dict[int, tuple[str, bool]] = {}
+
+    def run(slot: int) -> None:
+        with IntercodeSqlEnv(db_url=mysql_url) as env:
+            env.reset(env.task(POKER))
+            in_flight.wait()
+            if slot in writes:
+                env.step(f"execute[{writes[slot]}]")
+            in_flight.wait()  # every write is done before anyone looks
+            seen[slot] = (env.step(f"execute[{probe}]").observation, env.mutated)
+
+    threads = [threading.Thread(target=run, args=(slot,)) for slot in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    players = admin_rows(mysql_url, "poker_player", "SELECT COUNT(*) FROM poker_player")[0][0]
+    people = admin_rows(mysql_url, "poker_player", "SELECT COUNT(*) FROM people")[0][0]
+    assert seen[0] == ("[(0, 0)]", True)
+    assert seen[1] == (f"[({players}, {people})]", True)
+    assert seen[2] == seen[3] == (f"[({players}, 0)]", False)
+
+
+# ------------------------------------------------------------------------------------------------ server failures
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def poker_dump(path: Path) -> Path:
+    """The dump's account setup and the poker_player database only: a private server loads it in a blink."""
+    text = (DEFAULT_DATA_DIR / "ic_spider_dbs.sql").read_text()
+    parts = text.split("CREATE DATABASE ")
+    poker = next(p for p in parts[1:] if p.lstrip().startswith("IF NOT EXISTS `poker_player`"))
+    path.write_text(parts[0] + "CREATE DATABASE " + poker)
+    return path
+
+
+@pytest.fixture(scope="module")
+def private_server() -> Iterator[tuple[str, dict[str, str]]]:
+    """A server of its own (own data dir and port), so stopping it cannot disturb other tests."""
+    directory = tempfile.mkdtemp(prefix="hpl-mysql-test-", dir="/tmp")
+    dump = poker_dump(Path(tempfile.mkdtemp(prefix="hpl-dump-", dir="/tmp")) / "poker.sql")
+    env = {**os.environ, "HPL_MYSQL_DIR": directory, "HPL_MYSQL_PORT": str(free_port()), "HPL_MYSQL_DUMP": str(dump)}
+    url = subprocess.run([str(REPO / "scripts/start_mysql.sh")], env=env, check=True, capture_output=True,
+                         text=True).stdout.strip().splitlines()[-1]
+    yield url, env
+    subprocess.run([str(REPO / "scripts/stop_mysql.sh"), "--purge"], env=env, check=True, capture_output=True)
+    shutil.rmtree(directory, ignore_errors=True)
+    shutil.rmtree(dump.parent, ignore_errors=True)
+
+
+def start(server_env: dict[str, str]) -> None:
+    subprocess.run([str(REPO / "scripts/start_mysql.sh")], env=server_env, check=True, capture_output=True)
+
+
+def stop(server_env: dict[str, str]) -> None:
+    subprocess.run([str(REPO / "scripts/stop_mysql.sh")], env=server_env, check=True, capture_output=True)
+
+
+@pytest.mark.mysql
+def test_killed_connection_crashes_the_episode(private_server: tuple[str, dict[str, str]]) -> None:
+    url, _ = private_server
+    with IntercodeSqlEnv(db_url=url) as env:
+        task = env.task(POKER)
+        env.reset(task)
+        connection_id = env.execute("SELECT CONNECTION_ID()").rows[0][0]  # type: ignore[index]
+        admin_rows(url, "mysql", f"KILL {connection_id}")
+        with pytest.raises(EnvironmentCrashed):
+            env.step(f"execute[{task.meta['gold']}]")
+        env.reset(task)  # a new episode works
+        env.step(f"execute[{task.meta['gold']}]")
+        assert env.step("submit").reward == 1
+
+
+@pytest.mark.mysql
+def test_server_down_and_restart(private_server: tuple[str, dict[str, str]]) -> None:
+    url, server_env = private_server
+    with IntercodeSqlEnv(db_url=url, connect_timeout_s=1.0) as env:
+        task = env.task(POKER)
+        env.reset(task)
+        env.step("execute[DELETE FROM poker_player]")  # the episode has a copy, which the restart would keep
+        stop(server_env)
+        with pytest.raises(EnvironmentCrashed):
+            env.step(f"execute[{task.meta['gold']}]")
+        with pytest.raises(EnvironmentCrashed, match="start_mysql.sh"):
+            env.reset(task)  # still down after connect_timeout_s
+
+        start(server_env)  # restarted mid-episode: the episode's session is gone, so it crashes
+        env.reset(task)
+        env.step("execute[SELECT 1]")
+        stop(server_env)
+        start(server_env)
+        with pytest.raises(EnvironmentCrashed):
+            env.step(f"execute[{task.meta['gold']}]")
+
+    with IntercodeSqlEnv(db_url=url, connect_timeout_s=60.0) as env:  # reset waits for a server that is starting
+        stop(server_env)
+        starter = threading.Timer(1.0, start, args=(server_env,))
+        starter.start()
+        t0 = time.monotonic()
+        env.reset(task)
+        starter.join()
+        assert time.monotonic() - t0 >= 1.0
+        env.step(f"execute[{task.meta['gold']}]")
+        assert env.step("submit").reward == 1
+    assert admin_rows(url, "mysql", "SELECT User FROM mysql.user WHERE User LIKE 'hplep%'") == []
+    assert admin_rows(url, "mysql", "SHOW DATABASES LIKE 'hplep%'") == []
