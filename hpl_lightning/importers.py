@@ -1,0 +1,128 @@
+"""Importers from the formats agent data already comes in, to the data contract's trajectory records.
+
+``python -m hpl_lightning.importers sharegpt|conversations|intercode --input IN --output OUT.jsonl``; every
+written record is validated with the same schema ``train.py`` uses.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+from hpl_lightning.schema import DataError, Trajectory, parse_trajectory, to_json, write_jsonl
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def _read_items(path: str | os.PathLike) -> Iterator[tuple[int | str, Any]]:
+    """(line number or key, item) from a JSON array, a JSON object keyed by id, or JSON Lines."""
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError:
+        for lineno, line in enumerate(text.splitlines(), start=1):
+            if line.strip():
+                try:
+                    yield lineno, json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise DataError(path, lineno, None, f"malformed JSON: {e.msg}") from None
+        return
+    if isinstance(data, list):
+        yield from enumerate(data, start=1)
+    elif isinstance(data, dict):
+        yield from data.items()
+    else:
+        raise DataError(path, None, None, "expected a JSON array, an object keyed by id, or JSON Lines")
+
+
+def sharegpt_messages(conversations: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """ETO/IPR's ``[{"from": "human"|"gpt", "value": ...}]`` as role/content messages."""
+    messages = []
+    for turn in conversations:
+        role = SHAREGPT_ROLES.get(turn.get("from", turn.get("role")))
+        if role is None:
+            raise ValueError(f"unknown speaker {turn.get('from')!r}")
+        messages.append({"role": role, "content": turn.get("value", turn.get("content"))})
+    return messages
+
+
+def _trajectory(obj: dict[str, Any], messages: Any, task: str, where: tuple[str, int | str]) -> Trajectory:
+    path, key = where
+    record = {
+        "id": str(obj.get("id", key)),
+        "task": obj.get("task", task),
+        "messages": messages,
+        "reward": obj.get("reward", 1.0),
+        "meta": {k: v for k, v in obj.items() if k not in ("id", "task", "reward", "conversations", "messages")},
+    }
+    return parse_trajectory(record, path, key if isinstance(key, int) else None)
+
+
+def sharegpt(input: str, output: str, task: str = "agent") -> int:
+    """ETO/IPR ShareGPT files (``conversations`` with ``from``/``value``); a missing ``reward`` means expert (1.0)."""
+    records = []
+    for key, obj in _read_items(input):
+        try:
+            messages = sharegpt_messages(obj["conversations"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise DataError(input, key if isinstance(key, int) else None, "conversations", str(e)) from None
+        records.append(_trajectory(obj, messages, task, (input, key)))
+    return _write(records, output)
+
+
+def conversations(input: str, output: str, task: str = "agent") -> int:
+    """Role/content conversations under ``messages`` or ``conversations``."""
+    records = []
+    for key, obj in _read_items(input):
+        messages = obj.get("messages", obj.get("conversations"))
+        records.append(_trajectory(obj, messages, task, (input, key)))
+    return _write(records, output)
+
+
+def intercode_episode(task_id: str, episode: dict[str, Any], instruction: str) -> Trajectory:
+    """One InterCode recorded episode (``turn_history``) as a ReAct trajectory: instruction, "OK", question, turns."""
+    history = episode["turn_history"]
+    messages = [
+        {"role": "user", "content": instruction},
+        {"role": "assistant", "content": "OK"},
+        {"role": "user", "content": episode["query"]},
+    ]
+    for thought, action, observation in zip(history["thoughts"], history["actions"], history["observations"]):
+        messages.append({"role": "assistant", "content": f"Thought: {thought}\nAction: {action}"})
+        messages.append({"role": "user", "content": f"Observation: {observation}"})
+    if messages[-1]["role"] == "user" and history["actions"] and history["actions"][-1].strip() == "submit":
+        messages.pop()  # nothing follows a submit
+    reward = float(history["rewards"][-1]) if history["rewards"] else 0.0
+    return Trajectory(
+        id=f"intercode_sql/{task_id}",
+        task="intercode_sql",
+        messages=messages,
+        reward=reward,
+        meta={"hardness": episode.get("hardness"), "turn_rewards": history["rewards"], "source": "recorded"},
+    )
+
+
+def intercode(input: str, output: str, success_only: bool = True) -> int:
+    """InterCode's recorded results (e.g. ``gpt-3.5_react_10_turns.json``); ``success_only`` keeps reward-1 episodes."""
+    from hpl_lightning.envs.intercode_sql import INSTRUCTION
+
+    records = []
+    for key, episode in _read_items(input):
+        trajectory = intercode_episode(str(key), episode, INSTRUCTION)
+        if trajectory.n_actions and (not success_only or trajectory.reward >= 1.0):
+            records.append(trajectory)
+    return _write(records, output)
+
+
+def _write(records: list[Trajectory], output: str) -> int:
+    write_jsonl(output, (to_json(r) for r in records))
+    print(f"wrote {len(records)} trajectories to {output}")
+    return len(records)
+
+
+if __name__ == "__main__":
+    from jsonargparse import CLI
+
+    CLI([sharegpt, conversations, intercode], as_positional=False)
