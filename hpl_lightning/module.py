@@ -79,6 +79,8 @@ class HPLModule(L.LightningModule):
         self.save_hyperparameters()
         # Dataclass settings are kept as objects: under LightningCLI ``hparams`` holds their raw config (dicts).
         self.weights, self.optim, self.lora = weights, optim, lora
+        # Checkpoints hold the trainable policy state only (no reference, no frozen LoRA base); see on_save_checkpoint.
+        self.strict_loading = False
         self.policy: torch.nn.Module | None = None
         self.reference: torch.nn.Module | None = None
         self.metrics = torch.nn.ModuleDict(
@@ -241,7 +243,6 @@ class HPLModule(L.LightningModule):
             checkpoint["state_dict"] = {k: v for k, v in state.items() if k in keep}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.strict_loading = False  # the reference and a LoRA base are not in the checkpoint, by design
         state = checkpoint.get("state_dict")
         if state is not None and self.policy is not None:
             missing = [k for k in self._saved_keys(self.state_dict()) if k not in state]
