@@ -57,7 +57,7 @@ else
   run_as="$(id -un)"
 fi
 
-cat >"$dir/my.cnf" <<EOF
+cat >"$dir/my.cnf.new" <<EOF
 [mysqld]
 user=$run_as
 datadir=$dir/data
@@ -75,6 +75,11 @@ max_connections=500
 innodb_buffer_pool_size=256M
 innodb_flush_log_at_trx_commit=2
 EOF
+
+if [ -f "$dir/my.cnf" ] && ! cmp -s "$dir/my.cnf" "$dir/my.cnf.new" && [ -f "$dir/mysqld.pid" ]; then
+  log "WARNING: configuration changed; a running server keeps the old one until scripts/stop_mysql.sh + restart"
+fi
+mv "$dir/my.cnf.new" "$dir/my.cnf"
 
 ping() { "$admin" --no-defaults --socket="$sock" -u root ping >/dev/null 2>&1; }
 sql() { "$client" --no-defaults --socket="$sock" -u root "$@"; }
@@ -106,6 +111,13 @@ else
     sleep 0.5
   done
   ping || die "server did not answer within 60 s; see $dir/error.log"
+  if [ -d "$dir/data/mysql" ] && [ -f "$dir/.loaded" ]; then
+    # No episode survives a restart: drop the users and copies that killed processes left behind.
+    sql -N -e "SELECT CONCAT('DROP DATABASE \`', SCHEMA_NAME, '\`;') FROM information_schema.SCHEMATA
+                 WHERE SCHEMA_NAME LIKE 'hplep\\_%';
+               SELECT CONCAT('DROP USER \`', User, '\`@\`', Host, '\`;') FROM mysql.user
+                 WHERE User LIKE 'hplep\\_%';" | sql
+  fi
 fi
 
 stamp="$(stat -c '%s %Y' "$dump") $dump"

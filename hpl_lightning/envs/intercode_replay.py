@@ -60,19 +60,23 @@ def _style(turn_history: dict[str, Any]) -> str:
 
 
 def _cause(result: QueryResult, gold: list[tuple[Any, ...]], recorded_observation: str | None) -> str:
-    """A short diagnosis of why a replayed reward differs."""
+    """A short diagnosis of why a replayed reward differs (the text before ':' groups the summary)."""
     if result.error is not None:
         return f"query fails here: {result.error[:120]}"
     if not isinstance(result.rows, list):
         return "no result set here"
-    agent, gold_set = Counter(map(str, result.rows)), Counter(map(str, gold))
-    if agent == gold_set:
-        return "same rows, different order (query without a total ORDER BY: MariaDB vs MySQL 8 row order)"
-    if recorded_observation is not None and recorded_observation.startswith("Error executing query"):
+    if Counter(map(str, result.rows)) == Counter(map(str, gold)):
+        return "same rows as gold, other order: no total ORDER BY, MariaDB vs MySQL 8 row order"
+    if recorded_observation is None:
+        return "different rows"
+    if recorded_observation.startswith("Error executing query"):
         return f"query failed when recorded: {recorded_observation[:120]}"
-    if recorded_observation is not None and recorded_observation != str(result.rows[:25])[:350]:
-        return "different rows than recorded (server data or semantics differ)"
-    return "same rows as recorded, different gold result"
+    shown = [str(row) for row in result.rows[:25]]
+    if recorded_observation == str(result.rows[:25])[:350]:
+        return "agent rows as recorded, gold result differs: MySQL 8 ordered, broke ties or rejected it otherwise"
+    if len(recorded_observation) == len(str(result.rows[:25])) and all(row in recorded_observation for row in shown):
+        return "agent rows as recorded in another order: no total ORDER BY, MariaDB vs MySQL 8 row order"
+    return "agent rows differ from recorded: ties under ORDER BY ... LIMIT, or server semantics"
 
 
 def _replay_episode(env: IntercodeSqlEnv, record: dict[str, Any], tolerance: float) -> Disagreement | None:
@@ -111,7 +115,7 @@ def _replay_episode(env: IntercodeSqlEnv, record: dict[str, Any], tolerance: flo
 
 
 def replay(
-    recordings: str,
+    recordings: str = str(DEFAULT_DATA_DIR / "gpt-3.5_react_10_turns.json"),
     db_url: str | None = None,
     limit: int | None = None,
     every: int = 1,
@@ -122,8 +126,7 @@ def replay(
     """Replays recorded InterCode-SQL episodes and prints ``agreement: MATCHED/TOTAL`` as the last line.
 
     Args:
-        recordings: InterCode log (JSON keyed by task id), e.g.
-            ``../shared/data/intercode_sql/gpt-3.5_react_10_turns.json``.
+        recordings: InterCode log (JSON keyed by task id); default: the shared gpt-3.5 ReAct run (1034 episodes).
         db_url: server URL; default: start (or reuse) the local server with ``scripts/start_mysql.sh``.
         limit: replay only the first N episodes (after ``every``).
         every: replay every N-th episode: a sample spread over all databases.
