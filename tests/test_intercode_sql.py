@@ -149,6 +149,14 @@ def test_sql_format_scores_every_query(mysql_url: str) -> None:
 
 
 @pytest.mark.mysql
+def test_runaway_query_is_an_error_not_a_hang(mysql_url: str) -> None:
+    with IntercodeSqlEnv(db_url=mysql_url, statement_timeout_s=0.5) as env:
+        env.reset(env.task(POKER))
+        assert "max_statement_time exceeded" in env.step("execute[SELECT SLEEP(3)]").observation
+        assert env.step("execute[SELECT 1]").observation == "[(1,)]"
+
+
+@pytest.mark.mysql
 def test_replay_sample_agrees(mysql_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     result = replay(str(RECORDINGS), db_url=mysql_url, every=26)  # 40 episodes spread over all databases
     lines = capsys.readouterr().out.strip().splitlines()
