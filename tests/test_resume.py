@@ -1,0 +1,79 @@
+"""Preemption: a fit killed mid-epoch (mid curriculum phase 2) and resumed with --ckpt_path last ends with the same
+weights as an uninterrupted run, and consumes exactly the remainder of its pair ids."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.synthetic import make_records, write_jsonl
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+def _fit(run: Path, train: Path, *extra: str, ckpt_every: int = 3) -> subprocess.CompletedProcess:
+    args = [
+        sys.executable, "train.py", "fit",
+        f"--data.train_path={train}", "--data.batch_size=4", "--data.max_length=512", "--data.seed=7",
+        "--trainer.max_epochs=3",  # the configuration in which Lightning 2.6 itself loses the loader position
+        "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.enable_progress_bar=false",
+        f"--trainer.default_root_dir={run}", f"--trainer.logger.init_args.save_dir={run}",
+        "--trainer.logger.init_args.version=0", f"--checkpoint.dirpath={run / 'ckpt'}",
+        f"--checkpoint.every_n_train_steps={ckpt_every}", "--model.optim.lr=1e-3",
+        "--trainer.callbacks+=hpl_lightning.callbacks.ConsumedIds",
+        *extra,
+    ]
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600)
+
+
+def _ids(run: Path, name: str) -> list[list[str]]:
+    lines = (run / f"{name}.rank0.jsonl").read_text().splitlines()
+    return [json.loads(line)["ids"] for line in lines]
+
+
+def _weights(run: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def reference_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("resume")
+    train = write_jsonl(tmp / "train.jsonl", make_records(n_tasks=4))
+    run = tmp / "full"
+    proc = _fit(run, train, f"--trainer.callbacks.path={run / 'ids'}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return train, run
+
+
+@pytest.mark.parametrize("signal_name,kill_step", [("SIGTERM", 6), ("SIGKILL", 7)])
+def test_killed_and_resumed_run_equals_uninterrupted(reference_run, tmp_path, signal_name, kill_step):
+    train, full = reference_run
+    full_batches = _ids(full, "ids")
+    # 28 items, batch 4: phase 1 = 15 items (4 batches), phase 2 = 19 (5), phase 3 = 28 (7); step 6 and 7 are in
+    # the middle of phase 2 (epoch 1).
+    assert len(full_batches) == 16
+    run = tmp_path / "killed"
+    killed = _fit(run, train, f"--trainer.callbacks.path={run / 'before'}",
+                  "--trainer.callbacks+=tests.killers.KillAt", f"--trainer.callbacks.step={kill_step}",
+                  f"--trainer.callbacks.signal_name={signal_name}")
+    # the run stopped where it was killed (Lightning exits with status 0 after a SIGTERM)
+    assert len(_ids(run, "before")) == kill_step, killed.stderr[-3000:]
+    saved_step = torch.load(run / "ckpt" / "last.ckpt", weights_only=False)["global_step"]
+    # SIGTERM saves at the batch it arrived in; SIGKILL loses everything after the last periodic checkpoint (6)
+    assert saved_step == (kill_step if signal_name == "SIGTERM" else 6)
+
+    resumed = _fit(run, train, f"--trainer.callbacks.path={run / 'after'}", "--ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _ids(run, "after") == full_batches[saved_step:]
+    assert _ids(run, "before")[:saved_step] == full_batches[:saved_step]
+
+    expected, got = _weights(full), _weights(run)
+    assert expected.keys() == got.keys()
+    diff = max((expected[k] - got[k]).abs().max().item() for k in expected)
+    assert diff < 1e-6
