@@ -1,0 +1,86 @@
+"""Evaluate agents and check environments.
+
+    python evaluate.py run --benchmark intercode_sql --split test --policy runs/.../last.ckpt --workers 8
+    python evaluate.py run --benchmark sciworld --split dev --policy exported/ --workers 2
+    python evaluate.py run --benchmark intercode_sql --policy Qwen/Qwen2.5-7B-Instruct --base_url http://host:8000/v1
+    python evaluate.py replay --recordings ../shared/data/intercode_sql/gpt-3.5_react_10_turns.json
+    python evaluate.py gold --benchmark sciworld --split dev
+
+``run`` is resumable: run the same command again after a crash or Ctrl-C and it continues where it stopped.
+Every subcommand takes ``--config FILE.yaml`` and ``--print_config``; ``python evaluate.py run --help`` lists all.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import CLI
+
+from hpl_lightning.envs.intercode_replay import replay, start_server
+from hpl_lightning.envs.sciworld import gold
+from hpl_lightning.evaluation import evaluate
+from hpl_lightning.policies import LocalPolicy, OpenAIPolicy, Policy
+
+
+def run(
+    benchmark: str = "intercode_sql",
+    split: str = "test",
+    policy: str = "hpl-tiny",
+    output_dir: str | None = None,
+    workers: int = 4,
+    limit: int | None = None,
+    task_ids: list[str] | None = None,
+    db_url: str | None = None,
+    env_kwargs: dict[str, Any] | None = None,
+    max_new_tokens: int = 512,
+    batch_size: int = 16,
+    threads: int | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    base_url: str | None = None,
+    api_key: str | None = None,
+    concurrency: int = 16,
+    timeout: float = 300.0,
+) -> dict[str, Any]:
+    """Runs a policy as a ReAct agent (greedy) on a benchmark split; writes episodes.jsonl, summary.json and
+    outcomes.png to ``output_dir`` and prints the summary table.
+
+    Args:
+        benchmark: intercode_sql or sciworld.
+        split: intercode_sql: test (the 200 IPR/HPL tasks), train; sciworld: dev (seen), test (unseen).
+        policy: a Lightning .ckpt, an exported or Hugging Face model directory/name, or hpl-tiny; with
+            ``base_url``, the model name the server serves.
+        output_dir: default runs/eval/<benchmark>-<split>-<policy name>; rerunning into it resumes.
+        workers: environments = episodes in flight = the model's batch per turn (a JVM each for sciworld).
+        limit: only the first N tasks of the split.
+        task_ids: only these task ids.
+        db_url: intercode_sql server; default: start (or reuse) the local one with scripts/start_mysql.sh.
+        env_kwargs: more environment options (e.g. {"call_timeout": 120} for sciworld).
+        max_new_tokens: per agent turn (the paper: 512).
+        batch_size: largest generate() batch of a local model.
+        threads: torch CPU threads while generating (1 is fastest for tiny models on a busy machine).
+        dtype: local model weights (float32, bfloat16, float16).
+        device: cpu or cuda.
+        base_url: an OpenAI-compatible endpoint (e.g. vLLM's http://host:8000/v1) instead of a local model.
+        api_key: for ``base_url`` (default $OPENAI_API_KEY).
+        concurrency: requests in flight to ``base_url``.
+        timeout: seconds per request to ``base_url``.
+    """
+    agent: Policy
+    if base_url is not None:
+        agent = OpenAIPolicy(policy, base_url=base_url, api_key=api_key, max_tokens=max_new_tokens,
+                             concurrency=concurrency, timeout=timeout)
+    else:
+        agent = LocalPolicy(policy, max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype,
+                            device=device, threads=threads)
+    kwargs = dict(env_kwargs or {})
+    if benchmark == "intercode_sql":
+        kwargs["db_url"] = db_url or start_server()
+    name = Path(policy.rstrip("/")).name.removesuffix(".ckpt")
+    out = output_dir or str(Path("runs") / "eval" / f"{benchmark}-{split}-{name}")
+    return evaluate(agent, benchmark, split, out, workers=workers, limit=limit, task_ids=task_ids, env_kwargs=kwargs)
+
+
+if __name__ == "__main__":
+    CLI([run, replay, gold], as_positional=False)

@@ -1,0 +1,201 @@
+"""Policies: whatever writes the agent's next turn, for evaluation and for the data pipeline's rollouts.
+
+A policy maps conversations (``role``/``content`` messages, ending with a user turn) to one assistant turn each.
+Every call takes a whole batch, so a caller with many episodes in flight makes one model call per turn:
+``LocalPolicy`` runs a Hugging Face model in-process (batched, left-padded ``generate``), ``OpenAIPolicy`` sends the
+batch to an OpenAI-compatible server (vLLM, TGI), which batches concurrent requests itself. Both cut the text at
+the first stop string (default ``"\\nObservation:"``, as IPR/HPL sample): the agent must not write the observation.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import urllib.error
+import urllib.request
+from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from hpl_lightning.models import load_causal_lm, load_tokenizer
+
+Conversation = list[dict[str, str]]
+DEFAULT_STOP = ("\nObservation:",)
+# HTTP statuses worth another try: overloaded or restarting servers. Other 4xx are the request's fault.
+_RETRY_STATUSES = {408, 409, 425, 429, 500, 502, 503, 504}
+
+
+def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to (not including) the earliest occurrence of any stop string."""
+    cut = min((i for s in stop if s and (i := text.find(s)) >= 0), default=len(text))
+    return text[:cut]
+
+
+class Policy(ABC):
+    """Writes one assistant turn per conversation; ``describe`` identifies it in results (resume checks)."""
+
+    @abstractmethod
+    def generate(self, conversations: list[Conversation]) -> list[str]:
+        """The next assistant message of each conversation, in order."""
+
+    @abstractmethod
+    def describe(self) -> dict[str, Any]:
+        """What determines the outputs (model and decoding settings), JSON-serialisable."""
+
+
+class LocalPolicy(Policy):
+    """A causal LM run in this process: a hub name, a local or exported directory, ``hpl-tiny``, or a Lightning
+    ``.ckpt`` of ``HPLModule`` (its policy, LoRA merged).
+
+    Conversations are rendered with the tokenizer's chat template (``add_generation_prompt``), left-padded and
+    generated in batches of at most ``batch_size`` (sorted by length, so a batch wastes little padding). Greedy
+    unless ``temperature`` > 0. ``seed`` makes sampling reproducible and initialises config-only models (hpl-tiny).
+    ``threads`` caps torch's CPU threads while generating: small models on a busy CPU run many times faster on one
+    thread than on threads that contend with other processes.
+    """
+
+    def __init__(
+        self,
+        model: str = "hpl-tiny",
+        max_new_tokens: int = 512,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: Sequence[str] = DEFAULT_STOP,
+        batch_size: int = 16,
+        dtype: str = "float32",
+        device: str = "cpu",
+        seed: int = 0,
+        threads: int | None = None,
+    ):
+        self.model_spec, self.max_new_tokens, self.temperature, self.top_p = model, max_new_tokens, temperature, top_p
+        self.stop, self.batch_size, self.seed, self.threads = tuple(stop), batch_size, seed, threads
+        self._batches = 0  # sampling seeds seed + batch number: reproducible, yet no two batches share samples
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if model.endswith(".ckpt"):
+            from hpl_lightning.module import HPLModule  # Lightning import only when a checkpoint is asked for
+
+            module = HPLModule.load_from_checkpoint(model, map_location="cpu")
+            policy = module.policy.merge_and_unload() if module.lora is not None else module.policy
+            self.tokenizer = load_tokenizer(module.hparams.policy)
+            self.model = policy.to(dtype=getattr(torch, dtype))
+        else:
+            self.tokenizer = load_tokenizer(model)
+            self.model = load_causal_lm(model, dtype=dtype, seed=seed)
+        self.model.to(device).eval()
+        self.device = torch.device(device)
+        self.tokenizer.padding_side = "left"  # new tokens follow every prompt directly
+
+    def describe(self) -> dict[str, Any]:
+        spec = str(Path(self.model_spec).resolve()) if Path(self.model_spec).exists() else self.model_spec
+        return {"type": "local", "model": spec, "max_new_tokens": self.max_new_tokens,
+                "temperature": self.temperature, "top_p": self.top_p, "stop": list(self.stop), "seed": self.seed}
+
+    def generate(self, conversations: list[Conversation]) -> list[str]:
+        prompts = [
+            self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations
+        ]
+        lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
+        order = sorted(range(len(prompts)), key=lengths.__getitem__)
+        out: list[str] = [""] * len(prompts)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.threads or threads)
+        try:
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start:start + self.batch_size]
+                for i, text in zip(chunk, self._generate_batch([prompts[i] for i in chunk])):
+                    out[i] = text
+        finally:
+            torch.set_num_threads(threads)
+        return out
+
+    @torch.no_grad()
+    def _generate_batch(self, prompts: list[str]) -> list[str]:
+        batch = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        sampling = self.temperature > 0
+        kwargs: dict[str, Any] = {"do_sample": sampling}
+        if sampling:
+            kwargs.update(temperature=self.temperature, top_p=self.top_p)
+        else:
+            kwargs.update(temperature=None, top_p=None, top_k=None)  # silence "ignored sampling flag" warnings
+        if self.stop:
+            kwargs.update(stop_strings=list(self.stop), tokenizer=self.tokenizer)
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(self.seed + self._batches)
+            self._batches += 1
+            generated = self.model.generate(
+                **batch, max_new_tokens=self.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id, **kwargs
+            )
+        texts = self.tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+        return [truncate_at_stop(t, self.stop) for t in texts]
+
+
+class OpenAIPolicy(Policy):
+    """An OpenAI-compatible ``/v1/chat/completions`` endpoint (vLLM, TGI, ...), with the standard library only.
+
+    ``concurrency`` requests are in flight at once (threads), so the server can batch a whole turn; a request that
+    fails with a connection error, a timeout or a retryable status (429, 5xx) is retried up to ``retries`` times
+    with exponential backoff, then the error propagates (a turn is never replaced by an empty answer).
+    ``api_key`` defaults to ``$OPENAI_API_KEY``; local servers usually need none.
+    """
+
+    def __init__(
+        self,
+        model: str,
+        base_url: str = "http://127.0.0.1:8000/v1",
+        api_key: str | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        stop: Sequence[str] = DEFAULT_STOP,
+        max_tokens: int = 512,
+        timeout: float = 120.0,
+        retries: int = 5,
+        backoff: float = 1.0,
+        concurrency: int = 16,
+        seed: int | None = None,
+    ):
+        self.model, self.url = model, base_url.rstrip("/") + "/chat/completions"
+        self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
+        self.temperature, self.top_p, self.stop, self.max_tokens = temperature, top_p, tuple(stop), max_tokens
+        self.timeout, self.retries, self.backoff, self.concurrency, self.seed = timeout, retries, backoff, concurrency, seed
+        if concurrency < 1:
+            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": "openai", "model": self.model, "url": self.url, "max_tokens": self.max_tokens,
+                "temperature": self.temperature, "top_p": self.top_p, "stop": list(self.stop), "seed": self.seed}
+
+    def generate(self, conversations: list[Conversation]) -> list[str]:
+        with ThreadPoolExecutor(min(self.concurrency, max(1, len(conversations)))) as pool:
+            return list(pool.map(self.complete, conversations))
+
+    def complete(self, messages: Conversation) -> str:
+        """One chat completion, retried on transient failures."""
+        body: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": self.temperature,
+                                "top_p": self.top_p, "max_tokens": self.max_tokens}
+        if self.stop:
+            body["stop"] = list(self.stop)
+        if self.seed is not None:
+            body["seed"] = self.seed
+        headers = {"Content-Type": "application/json"}
+        if self.api_key:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        request = urllib.request.Request(self.url, data=json.dumps(body).encode(), headers=headers, method="POST")
+        for attempt in range(self.retries + 1):
+            try:
+                with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                    answer = json.loads(response.read())
+                return truncate_at_stop(answer["choices"][0]["message"]["content"] or "", self.stop)
+            except urllib.error.HTTPError as e:
+                if e.code not in _RETRY_STATUSES or attempt == self.retries:
+                    detail = e.read().decode(errors="replace")[:500]
+                    raise RuntimeError(f"{self.url} answered {e.code} after {attempt + 1} attempt(s): {detail}") from e
+            except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+                if attempt == self.retries:
+                    raise RuntimeError(f"{self.url} unreachable after {attempt + 1} attempt(s): {e}") from e
+            time.sleep(self.backoff * 2**attempt)
+        raise AssertionError("unreachable: the last attempt returns or raises")
