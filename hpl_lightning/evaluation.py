@@ -374,7 +374,7 @@ def plot_outcomes(records: list[EpisodeRecord], order: list[str], path: Path, ti
                    label="failed (not scored)")
     ax.set(xlabel="task (split order)", ylabel="reward", ylim=(-0.05, 1.05), xlim=(-1, max(len(order), 1)),
            title=f"{title}: per-task reward")
-    if len(groups) <= 12:
+    if shown and len(groups) <= 12:
         ax.legend(fontsize=7, loc="center right")
     means = []
     for group in groups:
