@@ -162,16 +162,17 @@ class Simulator:
 
     def call(self, method: str, *args: Any) -> Any:
         """Calls the simulator's ``PythonInterface.<method>``; on any failure kills the JVM and raises."""
-        if self._server is None:
+        server, proc = self._server, self._proc  # close() from another thread may clear them meanwhile
+        if server is None:
             raise EnvironmentCrashed("simulator not running")
         try:
-            return getattr(self._server, method)(*args)
+            return getattr(server, method)(*args)
         except Py4JError as e:
             if isinstance(e, Py4JJavaError):
                 reason = f"Java error in {method}: {str(e.java_exception)[:300]}"
             else:
                 try:  # a killed JVM's socket closes a moment before the process is gone
-                    reason = f"JVM died (exit code {self._proc.wait(timeout=2)})"
+                    reason = f"JVM died (exit code {proc.wait(timeout=2)})"
                 except subprocess.TimeoutExpired:
                     reason = f"no answer to {method} within {self.call_timeout:g} s ({e})"
             self.kill()
@@ -263,14 +264,15 @@ class SciWorldEnv(Environment):
         tid = task_id(task_name, variation)
         if tid not in self._descriptions:
             self._episode = None
-            self._descriptions[tid] = self._run(lambda sim: self._load(sim, tid, "getTaskDescription"), tid)
+            self._descriptions[tid] = self._run(lambda sim: self._load(sim, tid)[1], tid)
         meta = {"task_name": task_name, "variation": variation, "max_steps": self.protocol.max_steps[task_name]}
         return Task(tid, self._descriptions[tid], meta)
 
     def gold_actions(self, task: Task) -> list[str]:
         """The simulator's gold action sequence for the task (ends any episode in progress)."""
         self._episode = None
-        return list(self._run(lambda sim: self._load(sim, task.id, "getGoldActionSequence", gold=True), task.id))
+        gold, self._descriptions[task.id] = self._run(lambda sim: self._load(sim, task.id, gold=True), task.id)
+        return list(gold)
 
     # --- episodes --------------------------------------------------------------------------------------------
     def reset(self, task: Task) -> str:
@@ -295,9 +297,8 @@ class SciWorldEnv(Environment):
             ep.actions.append(action)
             ep.scores.append(score)
         else:  # nothing to send: the simulator's state does not change
-            observation, score, completed = "Invalid action: no action given. Write one after 'Action:'.", (
-                ep.last.info["score"]), False
-            valid = False
+            observation = "Invalid action: no action given. Write one after 'Action:'."
+            score, completed, valid = ep.last.info["score"], False, False
         ep.turns += 1
         ep.best = max(ep.best, score)
         failed = score < 0
@@ -335,15 +336,16 @@ class SciWorldEnv(Environment):
         self.simulator.close()
 
     # --- simulator calls, with restart-and-replay ------------------------------------------------------------
-    def _load(self, sim: Simulator, tid: str, getter: str, gold: bool = False) -> Any:
-        """Loads a variation (outside any episode) and reads one property of it."""
+    def _load(self, sim: Simulator, tid: str, gold: bool = False) -> tuple[list[str], str]:
+        """Loads a variation outside any episode: (gold action sequence if ``gold``, task description)."""
         task_name, variation = parse_task_id(tid)
         sim.call("load", task_name, variation, self.protocol.simplification, gold)
-        return sim.call(getter)
+        return (list(sim.call("getGoldActionSequence")) if gold else []), sim.call("getTaskDescription")
 
     def _start(self, sim: Simulator, tid: str) -> tuple[str, int]:
         task_name, variation = parse_task_id(tid)
         sim.call("load", task_name, variation, self.protocol.simplification, False)
+        sim.call("reset")  # as ETO (load, then reset): gold paths fit the step budgets more often with it
         observation = sim.call("step", "look around")  # score and state are stale until the first step
         return observation, round(100 * sim.call("getScore"))
 
@@ -418,9 +420,13 @@ class GoldRun:
 
 
 def play_gold(env: SciWorldEnv, variation: tuple[str, int]) -> GoldRun:
-    """Plays a variation's gold path until the episode ends (completed, failed, or out of budget)."""
-    task = env.task(*variation)
-    gold = env.gold_actions(task)
+    """Plays a variation's gold path until the episode ends (completed, failed, or out of budget).
+
+    The gold path is generated first: it depends on what the JVM loaded before (ScienceWorld's generator is not
+    history-free), and this order reproduces ETO's figures most closely.
+    """
+    gold = env.gold_actions(Task(task_id(*variation), ""))
+    task = env.task(*variation)  # description cached by gold_actions: no extra load
     first = env.reset(task)
     steps: list[tuple[str, StepResult]] = []
     for action in gold:
