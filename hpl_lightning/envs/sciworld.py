@@ -320,12 +320,13 @@ class SciWorldEnv(Environment):
             self.reset(task)
             ep = self._episode
             assert ep is not None
-        todo = actions[ep.turns:]
-        for action in todo:
+        replayed = 0
+        for action in actions[ep.turns:]:
             if ep.done:
                 break
             self.step(action)
-        info = {**ep.last.info, "replayed": len(todo), "replay_seconds": time.perf_counter() - t0}
+            replayed += 1
+        info = {**ep.last.info, "replayed": replayed, "replay_seconds": time.perf_counter() - t0}
         return StepResult(ep.last.observation, ep.last.reward, ep.last.done, info)
 
     def memory_bytes(self) -> int | None:
