@@ -106,7 +106,7 @@ class _Stats:
     env_seconds: float = 0.0
 
 
-def load_records(path: Path) -> list[EpisodeRecord]:
+def read_episodes(path: Path) -> list[EpisodeRecord]:
     """The records of ``path``; a last line cut short by a kill is dropped from the file, so appends stay valid."""
     if not path.exists():
         return []
@@ -170,7 +170,7 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     _check_run(out, {"benchmark": benchmark, "split": split, "policy": policy.describe()})
     path = out / EPISODES_FILE
-    records = load_records(path)
+    records = read_episodes(path)
     failed_before = [r for r in records if r.error is not None]
     if failed_before:  # failed episodes are tried again: keep the file one line per task
         records = [r for r in records if r.error is None]

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from hpl_lightning.envs.intercode_sql import DEFAULT_DATA_DIR
-from hpl_lightning.evaluation import EPISODES_FILE, EvaluationAborted, evaluate, load_records
+from hpl_lightning.evaluation import EPISODES_FILE, EvaluationAborted, evaluate, read_episodes
 from hpl_lightning.policies import Conversation, LocalPolicy, OpenAIPolicy, Policy, truncate_at_stop
 
 REPO = Path(__file__).resolve().parents[1]
@@ -197,7 +197,7 @@ def test_sql_tiny_policy_writes_results_and_resumes_with_a_larger_limit(mysql_ur
                       env_kwargs={"db_url": mysql_url}, progress=False)
     after = (tmp_path / EPISODES_FILE).read_text()
     assert after.startswith(before)  # nothing redone or rewritten
-    ids = [r.id for r in load_records(tmp_path / EPISODES_FILE)]
+    ids = [r.id for r in read_episodes(tmp_path / EPISODES_FILE)]
     assert sorted(ids) == sorted(f"intercode_sql/{i}" for i in range(7))
     assert second["n"] == 7 and second["run"]["episodes"] == 3
     assert json.loads((tmp_path / "summary.json").read_text())["n"] == 7
@@ -226,7 +226,7 @@ def test_killed_evaluation_resumes_without_redoing(mysql_url: str, tmp_path: Pat
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     assert episodes.read_text().startswith(kept)
-    ids = [r.id for r in load_records(episodes)]
+    ids = [r.id for r in read_episodes(episodes)]
     assert len(ids) == len(set(ids)) == 16
     assert f"{len(kept.splitlines())} already in" in done.stdout
     assert json.loads((tmp_path / "summary.json").read_text())["n"] == 16
@@ -276,7 +276,7 @@ def test_server_restart_mid_evaluation_retries_the_lost_episodes(
     summary = evaluate(GoldSqlPolicy(on_call={3: restart}), "intercode_sql", "test", tmp_path, workers=2,
                        task_ids=POKER_TEST_TASKS, env_kwargs={"db_url": url, "connect_timeout_s": 60},
                        progress=False)
-    records = load_records(tmp_path / EPISODES_FILE)
+    records = read_episodes(tmp_path / EPISODES_FILE)
     assert sorted(r.id for r in records) == sorted(POKER_TEST_TASKS)
     assert all(r.error is None and r.reward == 1.0 and r.success for r in records)
     assert sum(r.attempts == 2 for r in records) == 2  # the two episodes in flight were started again
@@ -297,7 +297,7 @@ def test_server_down_fails_loudly_and_a_rerun_completes(
                      env_kwargs={"db_url": url, "connect_timeout_s": 1}, progress=False)
     finally:
         server_script("start_mysql.sh", env)
-    records = load_records(tmp_path / EPISODES_FILE)
+    records = read_episodes(tmp_path / EPISODES_FILE)
     failed = [r for r in records if r.error is not None]
     assert len(failed) == 3 and all("attempt 2" in r.error and r.attempts == 2 for r in failed)
     finished = [r for r in records if r.error is None]
@@ -305,7 +305,7 @@ def test_server_down_fails_loudly_and_a_rerun_completes(
 
     summary = evaluate(GoldSqlPolicy(), "intercode_sql", "test", tmp_path, workers=2, task_ids=POKER_TEST_TASKS,
                        env_kwargs={"db_url": url}, progress=False)
-    records = load_records(tmp_path / EPISODES_FILE)
+    records = read_episodes(tmp_path / EPISODES_FILE)
     assert sorted(r.id for r in records) == sorted(POKER_TEST_TASKS)  # failed ones redone, finished ones kept
     assert all(r.error is None and r.reward == 1.0 for r in records)
     assert summary["run"]["episodes"] == 4 and summary["complete"]
@@ -317,7 +317,7 @@ def test_sciworld_dev_with_two_workers(tmp_path: Path) -> None:
     ids = ["sciworld/find-living-thing/186", "sciworld/find-animal/193", "sciworld/find-plant/179"]
     summary = evaluate(LocalPolicy("hpl-tiny", max_new_tokens=6, threads=1), "sciworld", "dev", tmp_path,
                        workers=2, task_ids=ids, progress=False)
-    records = load_records(tmp_path / EPISODES_FILE)
+    records = read_episodes(tmp_path / EPISODES_FILE)
     assert sorted(r.id for r in records) == sorted(ids)
     assert all(r.error is None and r.turns == 15 and r.info["truncated"] for r in records)  # budget of find-*
     assert summary["n"] == 3 and set(summary["groups"]) == {"find-living-thing", "find-animal", "find-plant"}
