@@ -19,6 +19,7 @@ from torchmetrics import MeanMetric
 from transformers import get_scheduler
 
 from hpl_lightning.data import LEVEL_CODES
+from hpl_lightning.distributed import fully_shard_model
 from hpl_lightning.losses import LEVEL_KEYS, LossType, hierarchical_loss, masked_mean, preference_loss
 from hpl_lightning.models import LoraSettings, Quantization, apply_lora, load_causal_lm
 
@@ -112,6 +113,10 @@ class HPLModule(L.LightningModule):
         if reference is not None:
             reference.requires_grad_(False)
             reference.eval()
+        if self.device_mesh is not None:  # ModelParallelStrategy: FSDP2-shard both models over the data-parallel mesh
+            for model in (policy, reference):
+                if model is not None:
+                    fully_shard_model(model, self.device_mesh["data_parallel"])
         self.policy, self.reference = policy, reference
 
     def train(self, mode: bool = True) -> "HPLModule":
@@ -162,7 +167,10 @@ class HPLModule(L.LightningModule):
             token_mask = batch["scored"][:, 1:] * bc_rows[:, None]
             bc_loss = -(token_logps * token_mask).sum() / token_mask.sum().clamp_min(1)
             self._update(stage, "bc", "loss", bc_loss.detach(), token_mask.sum())
-        loss = hierarchical_loss(level_losses, bc_loss, asdict(self.weights))
+        if level_losses or bc_loss is not None:
+            loss = hierarchical_loss(level_losses, bc_loss, asdict(self.weights))
+        else:  # a batch of fillers only (evens out DDP ranks): a zero that still reaches every parameter
+            loss = 0.0 * logps.sum()
         if stage == "train":
             self.log("train/loss", loss, prog_bar=True, batch_size=max(len(batch["ids"]), 1))
             self.log("curriculum/phase", float(batch.get("phase", 0)), batch_size=1)
