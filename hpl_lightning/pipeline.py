@@ -1,0 +1,308 @@
+"""HPL's data pipeline as one command: expert trajectories in, a validated preference JSONL for ``train.py`` out.
+
+    python -m hpl_lightning.pipeline import  --input ../shared/data/intercode_sql/gpt-3.5_react_10_turns.json --output experts.jsonl
+    python -m hpl_lightning.pipeline segment --input experts.jsonl --output segmented.jsonl --segmenter fixed_k
+    python -m hpl_lightning.pipeline explore --experts segmented.jsonl --output rollouts.jsonl --benchmark intercode_sql
+    python -m hpl_lightning.pipeline pairs   --experts segmented.jsonl --rollouts rollouts.jsonl --output pairs.jsonl
+    python -m hpl_lightning.pipeline stats   --input experts.jsonl
+    python train.py fit --data.train_path pairs.jsonl ...
+
+Every subcommand takes ``--config FILE.yaml`` (see ``configs/pipeline-*.yaml``) and ``--print_config``. ``explore``
+is resumable: run it again after a crash or Ctrl-C and it continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from hpl_lightning.envs.base import Environment, Task
+from hpl_lightning.envs.pool import EnvPool
+from hpl_lightning.evaluation import BENCHMARKS
+from hpl_lightning.explore import ExploreConfig, Explorer, count_plans, format_timer, plans, read_rollouts
+from hpl_lightning.pairs import PairFilters, build_pairs
+from hpl_lightning.policies import LocalPolicy, OpenAIPolicy, Policy
+from hpl_lightning.schema import Trajectory, load_records, parse_record, to_json, write_jsonl
+from hpl_lightning.segmentation import (
+    DEFAULT_STATS_SEGMENTERS,
+    action_indices,
+    build_segmenter,
+    format_stats,
+    segment_stats,
+    validate_cover,
+)
+from hpl_lightning.tokenization import ChatTokenizer
+
+
+def load_trajectories(path: str) -> list[Trajectory]:
+    out = [r for r, _ in load_records(path) if isinstance(r, Trajectory)]
+    if not out:
+        raise ValueError(f"{path}: no trajectory records")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ import
+def import_(input: str, output: str, source: str = "intercode", success_only: bool = True, task: str = "agent",
+            limit: int | None = None) -> int:
+    """Converts existing data to trajectory records (see ``hpl_lightning.importers``).
+
+    Args:
+        input: the file to convert.
+        output: trajectory JSONL to write.
+        source: intercode (InterCode's recorded results), sharegpt (ETO/IPR) or conversations (role/content).
+        success_only: intercode: keep only episodes with reward 1 (expert data).
+        task: sharegpt/conversations: task name of the records.
+        limit: keep only the first N trajectories (a small subset for a quick run).
+    """
+    from hpl_lightning import importers
+
+    if source == "intercode":
+        importers.intercode(input, output, success_only=success_only)
+    elif source in ("sharegpt", "conversations"):
+        getattr(importers, source)(input, output, task=task)
+    else:
+        raise ValueError(f"unknown source {source!r}; expected intercode, sharegpt or conversations")
+    records = [to_json(t) for t in load_trajectories(output)]
+    if limit is not None:
+        write_jsonl(output, records[:limit])
+        print(f"kept the first {min(limit, len(records))} of {len(records)}")
+    return min(len(records), limit if limit is not None else len(records))
+
+
+# ------------------------------------------------------------------------------------------------ segment
+@torch.no_grad()
+def action_entropies(policy: LocalPolicy, trajectory: Trajectory, max_length: int = 4096) -> list[float]:
+    """Mean next-token entropy of π_ref over each action's tokens given everything before it (the uncertainty
+    segmenter's input). Conversations longer than ``max_length`` tokens keep the last ``max_length`` (context cut)."""
+    chat = ChatTokenizer(policy.tokenizer, max_length)
+    messages = trajectory.messages
+    text = chat.render(messages)
+    spans = [(len(chat.render(messages[:i], add_generation_prompt=True)), len(chat.render(messages[: i + 1])))
+             for i in action_indices(messages)]
+    enc = policy.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = enc["input_ids"], enc["offset_mapping"]
+    cut = max(0, len(ids) - max_length)
+    logits = policy.model(torch.tensor([ids[cut:]], device=policy.device)).logits[0].float()
+    logp = torch.log_softmax(logits, dim=-1)
+    entropy = -(logp.exp() * logp).sum(-1)  # entropy[j] = H of the distribution predicting token cut + j + 1
+    out = []
+    for a, b in spans:
+        positions = [j - cut - 1 for j, (start, _) in enumerate(offsets) if a <= start < b and j - cut - 1 >= 0]
+        out.append(float(entropy[positions].mean()) if positions else 0.0)
+    return out
+
+
+def segment(
+    input: str,
+    output: str,
+    segmenter: str = "fixed_k",
+    options: dict[str, Any] | None = None,
+    reference: str = "hpl-tiny",
+    max_length: int = 4096,
+    dtype: str = "float32",
+    device: str = "cpu",
+) -> dict[str, Any]:
+    """Cuts each expert trajectory into action groups, stored as ``meta.groups`` (inclusive [start, end] action
+    ranges) with ``meta.segmenter``; every cover is validated.
+
+    Args:
+        input: expert trajectory JSONL.
+        output: the same trajectories with their groups.
+        segmenter: fixed_n, fixed_k, uncertainty, semantic_llm, semantic_embedding or jaccard.
+        options: the segmenter's config fields, e.g. {"group_size": 3} or {"threshold": 0.5}.
+        reference: uncertainty only: π_ref (hub name, directory, hpl-tiny or .ckpt) whose per-action entropies are
+            computed when a trajectory has no ``meta.action_entropies`` yet (they are stored there).
+        max_length: uncertainty only: tokens of context per trajectory.
+        dtype: uncertainty only: reference model weights.
+        device: uncertainty only: cpu or cuda.
+    """
+    trajectories = load_trajectories(input)
+    if segmenter == "uncertainty":
+        key = (options or {}).get("meta_key", "action_entropies")
+        missing = [t for t in trajectories if key not in t.meta]
+        if missing:
+            ref = LocalPolicy(reference, dtype=dtype, device=device)
+            entropies = {t.id: action_entropies(ref, t, max_length) for t in missing}
+            trajectories = [replace(t, meta={**t.meta, key: entropies[t.id]}) if t.id in entropies else t
+                            for t in trajectories]
+    covers = build_segmenter(segmenter, options).segment_many(trajectories)
+    records = []
+    for t, cover in zip(trajectories, covers):
+        validate_cover(cover, len(action_indices(t.messages)))
+        meta = {**t.meta, "groups": [[int(s), int(e)] for s, e in cover], "segmenter": segmenter}
+        records.append(to_json(replace(t, meta=meta)))
+    write_jsonl(output, records)
+    lengths = [e - s + 1 for c in covers for s, e in c]
+    print(f"{len(records)} trajectories, {len(lengths)} groups (mean length {sum(lengths) / len(lengths):.2f}) "
+          f"by {segmenter} -> {output}")
+    return {"trajectories": len(records), "groups": len(lengths)}
+
+
+# ------------------------------------------------------------------------------------------------ explore
+def task_resolver(benchmark: str, env: Environment) -> Callable[[Trajectory], Task]:
+    """Maps an expert trajectory's id to the environment's task (intercode_sql/<index>, sciworld/<task>/<var>)."""
+    if benchmark == "intercode_sql":
+        return lambda t: env.task(int(t.id.rsplit("/", 1)[1]))  # type: ignore[attr-defined]
+    if benchmark == "sciworld":
+        from hpl_lightning.envs.sciworld import parse_task_id
+
+        return lambda t: env.task(*parse_task_id(t.id))  # type: ignore[attr-defined]
+    raise ValueError(f"unknown benchmark {benchmark!r}; expected intercode_sql or sciworld")
+
+
+def make_policies(policy: str, base_url: str | None, max_new_tokens: int, temperature: float, batch_size: int,
+                  threads: int | None, seed: int, dtype: str, device: str) -> dict[bool, Policy]:
+    """A greedy and a sampling policy sharing one model (``False``: greedy, ``True``: ``temperature``)."""
+    greedy: Policy
+    if base_url is not None:
+        greedy = OpenAIPolicy(policy, base_url=base_url, max_tokens=max_new_tokens, seed=seed)
+    else:
+        greedy = LocalPolicy(policy, max_new_tokens=max_new_tokens, batch_size=batch_size, threads=threads,
+                             seed=seed, dtype=dtype, device=device)
+    sampler = copy.copy(greedy)  # shares the weights; Policy has no per-call temperature
+    sampler.temperature = temperature  # type: ignore[attr-defined]
+    return {False: greedy, True: sampler}
+
+
+def explore(
+    experts: str,
+    output: str,
+    benchmark: str = "intercode_sql",
+    exploration: ExploreConfig = ExploreConfig(),
+    policy: str = "hpl-tiny",
+    base_url: str | None = None,
+    envs: int = 4,
+    limit: int | None = None,
+    task_ids: list[str] | None = None,
+    max_new_tokens: int = 512,
+    temperature: float = 1.0,
+    batch_size: int = 16,
+    threads: int | None = None,
+    seed: int = 0,
+    dtype: str = "float32",
+    device: str = "cpu",
+    db_url: str | None = None,
+    env_kwargs: dict[str, Any] | None = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Rollouts from the expert trajectories (segmented, for the group level) with MC estimates, appended to
+    ``output`` as they finish; a re-run skips finished rollouts. Prints where the time went.
+
+    Args:
+        experts: segmented expert trajectories (``pipeline segment``).
+        output: rollout JSONL (appended to; resumed from).
+        benchmark: intercode_sql or sciworld.
+        exploration: levels, M, negatives, step stride, action cap (see ``ExploreConfig``).
+        policy: π_ref: a .ckpt, a model directory or hub name, hpl-tiny; with ``base_url`` the served model's name.
+        base_url: an OpenAI-compatible endpoint (e.g. vLLM) instead of a local model.
+        envs: environments = rollouts in flight = the model's batch per turn.
+        limit: only the first N expert trajectories.
+        task_ids: only these expert trajectory ids.
+        max_new_tokens: per agent turn (paper: 512).
+        temperature: of the sampled rollouts (paper: 1.0); trajectory-level rollouts are greedy.
+        batch_size: largest generate() batch of a local model.
+        threads: torch CPU threads while generating.
+        seed: sampling seed (and the initialisation of config-only models such as hpl-tiny).
+        dtype: local model weights.
+        device: cpu or cuda.
+        db_url: intercode_sql server; default: start (or reuse) the local one with scripts/start_mysql.sh.
+        env_kwargs: more environment options; sciworld defaults to ``step_budget: false`` (expert prefixes are
+            longer than ETO's budgets), so set ``exploration.max_actions``.
+        progress: show progress bars.
+    """
+    if benchmark not in BENCHMARKS:
+        raise ValueError(f"unknown benchmark {benchmark!r}; expected one of {sorted(BENCHMARKS)}")
+    trajectories = load_trajectories(experts)
+    if task_ids is not None:
+        trajectories = [t for t in trajectories if t.id in set(task_ids)]
+    trajectories = trajectories[:limit]
+    kwargs = dict(env_kwargs or {})
+    if benchmark == "intercode_sql" and "db_url" not in kwargs:
+        from hpl_lightning.envs.intercode_replay import start_server
+
+        kwargs["db_url"] = db_url or start_server()
+    if benchmark == "sciworld":
+        kwargs.setdefault("step_budget", False)
+    policies = make_policies(policy, base_url, max_new_tokens, temperature, batch_size, threads, seed, dtype, device)
+    path = Path(output)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    spec = BENCHMARKS[benchmark]
+    with EnvPool(lambda: spec.make_env(**kwargs), envs) as pool:
+        explorer = Explorer(pool, policies, path, exploration, progress)
+        resolve = task_resolver(benchmark, pool.envs[0])
+        tasks = {t.id: resolve(t) for t in trajectories}  # before any episode: sciworld's task() loads a variation
+        total = count_plans(trajectories, exploration)
+        print(f"{benchmark}: {len(trajectories)} expert trajectories, {total} plans, {explorer.resumed} rollouts "
+              f"already in {path}, {pool.size} environment(s)")
+        summary = explorer.run(plans(trajectories, lambda t: tasks[t.id], exploration), total)
+    print(format_timer(summary))
+    return summary
+
+
+# ------------------------------------------------------------------------------------------------ pairs
+def pairs(
+    experts: str,
+    rollouts: str,
+    output: str,
+    filters: PairFilters = PairFilters(),
+    levels: list[str] = ["trajectory", "step", "group"],
+    max_negatives: int = 3,
+    with_experts: bool = False,
+) -> dict[str, Any]:
+    """Builds trajectory, step and group pairs from experts and rollouts with the paper's filters; prints how many
+    candidates each filter dropped; every written record is validated with the data contract's parser.
+
+    Args:
+        experts: the segmented expert trajectories explored.
+        rollouts: the rollout JSONL of ``explore``.
+        output: preference JSONL for ``train.py``.
+        filters: thresholds (defaults: the paper's).
+        levels: which levels to build.
+        max_negatives: negatives per group (as explored).
+        with_experts: also write the expert trajectories (behaviour-cloning items of the same file).
+    """
+    trajectories = load_trajectories(experts)
+    found = list(read_rollouts(Path(rollouts)).values())
+    built, report = build_pairs(trajectories, found, filters, levels, max_negatives)
+    records = [to_json(p) for p in built] + ([to_json(t) for t in trajectories] if with_experts else [])
+    for i, record in enumerate(records, start=1):
+        parse_record(json.loads(json.dumps(record)), output, i)  # what train.py will read back
+    write_jsonl(output, records)
+    print(report.summary())
+    print(f"{len(built)} pairs{' and %d expert trajectories' % len(trajectories) if with_experts else ''} -> {output}")
+    return {"pairs": dict(report.kept), "candidates": dict(report.candidates),
+            "dropped": {k: dict(v) for k, v in report.dropped.items()}}
+
+
+# ------------------------------------------------------------------------------------------------ stats
+def stats(
+    input: str,
+    segmenters: list[str] = list(DEFAULT_STATS_SEGMENTERS),
+    options: dict[str, dict[str, Any]] | None = None,
+) -> dict[str, Any]:
+    """Group statistics (groups per trajectory, group length histogram) of each segmenter on a trajectory JSONL.
+
+    Args:
+        input: trajectory JSONL.
+        segmenters: segmenter names.
+        options: config fields per segmenter, e.g. {"jaccard": {"threshold": 0.3}}.
+    """
+    result = segment_stats(input, segmenters, options)
+    print(format_stats(result))
+    return result
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    from jsonargparse import CLI
+
+    CLI({"import": import_, "segment": segment, "explore": explore, "pairs": pairs, "stats": stats},
+        args=args, as_positional=False)
+
+
+if __name__ == "__main__":
+    main()
