@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import lightning as L
+from lightning.pytorch.strategies import FSDPStrategy
 import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
@@ -22,6 +23,7 @@ from hpl_lightning.data import LEVEL_CODES
 from hpl_lightning.distributed import fully_shard_model
 from hpl_lightning.losses import LEVEL_KEYS, LossType, hierarchical_loss, masked_mean, preference_loss
 from hpl_lightning.models import LoraSettings, Quantization, apply_lora, load_causal_lm
+from hpl_lightning.packing import packed_sequence_logps, tree_attention_mask, tree_block_mask
 
 log = logging.getLogger(__name__)
 PAIR_STATS = ("loss", "rewards_chosen", "rewards_rejected", "margin", "accuracy")
@@ -55,6 +57,8 @@ class HPLModule(L.LightningModule):
     With ``reference=None`` the reference is the policy's starting point: the LoRA base with adapters disabled (no
     second copy), or a frozen copy for full fine-tuning. ``bc_on_chosen`` adds the chosen continuations of pairs to
     the behaviour-cloning term (IPR's choice); expert trajectories in the data always count (the paper's Eq. 1).
+    ``packing``: batches arrive as shared-prefix tree rows (``data.packing``, linked by the CLI) and one forward
+    scores every sequence of the batch; per-pair rows (the reference implementation) otherwise.
     """
 
     def __init__(
@@ -73,6 +77,7 @@ class HPLModule(L.LightningModule):
         gradient_checkpointing: bool = False,
         attn_implementation: str | None = None,
         init_seed: int = 0,
+        packing: bool = False,
     ):
         super().__init__()
         if quantization != "none" and lora is None:
@@ -80,8 +85,9 @@ class HPLModule(L.LightningModule):
         self.save_hyperparameters()
         # Dataclass settings are kept as objects: under LightningCLI ``hparams`` holds their raw config (dicts).
         self.weights, self.optim, self.lora = weights, optim, lora
-        # Checkpoints hold the trainable policy state only (no reference, no frozen LoRA base); see on_save_checkpoint.
+        # Checkpoints hold the trainable policy state only (no reference, no frozen LoRA base).
         self.strict_loading = False
+        self.register_state_dict_post_hook(_drop_frozen_state)
         self.policy: torch.nn.Module | None = None
         self.reference: torch.nn.Module | None = None
         self.metrics = torch.nn.ModuleDict(
@@ -119,6 +125,10 @@ class HPLModule(L.LightningModule):
                     fully_shard_model(model, self.device_mesh["data_parallel"])
         self.policy, self.reference = policy, reference
 
+    @property
+    def _sharded(self) -> bool:
+        return self.device_mesh is not None or isinstance(getattr(self._trainer, "strategy", None), FSDPStrategy)
+
     def train(self, mode: bool = True) -> "HPLModule":
         super().train(mode)
         if self.reference is not None:
@@ -128,12 +138,20 @@ class HPLModule(L.LightningModule):
     # -- log-probs -----------------------------------------------------------------------------------------------
     @staticmethod
     def sequence_logps(model: torch.nn.Module, batch: dict[str, Any], rows: slice = slice(None)):
-        """Summed log-prob of the scored tokens per row, and the number of scored tokens."""
+        """Summed log-prob of the scored tokens per sequence, the number of scored tokens, and the token log-probs.
+
+        Per-pair batches: token log-probs ``[rows, T-1]``. Packed batches: the tree rows are run whole (``rows``
+        selects sequences afterwards) and token log-probs are one per unique scored token.
+        """
+        if "tree_end" in batch:
+            logps, n_tokens, token_logps = _packed_logps(model, batch)
+            return logps[rows], n_tokens[rows], token_logps
         input_ids, attention_mask = batch["input_ids"][rows], batch["attention_mask"][rows]
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
         labels, mask = input_ids[:, 1:], batch["scored"][rows, 1:]
         token_logps = -F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
-        return (token_logps * mask).sum(-1), mask.sum(-1), token_logps
+        # float64 sums: DPO takes differences of differences of sums of hundreds of token log-probs
+        return (token_logps.double() * mask).sum(-1), mask.sum(-1), token_logps
 
     def reference_logps(self, batch: dict[str, Any], rows: slice) -> torch.Tensor:
         with torch.no_grad():
@@ -145,9 +163,18 @@ class HPLModule(L.LightningModule):
     # -- steps ---------------------------------------------------------------------------------------------------
     def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
         hp = self.hparams
+        if ("tree_end" in batch) != hp.packing:
+            raise ValueError(
+                f"model.packing={hp.packing} but the batch is {'packed' if 'tree_end' in batch else 'per-pair'}: "
+                "set data.packing to the same value"
+            )
         n = batch["n_pairs"]
-        logps, n_tokens, token_logps = self.sequence_logps(self.policy, batch)
+        logps, n_tokens, _ = self.sequence_logps(self.policy, batch)
         level_losses: dict[str, torch.Tensor] = {}
+        if not n and self._sharded:
+            # Sharded models gather their weights collectively: every rank must run the same forwards, so a rank
+            # whose batch has no pair still runs the reference (on one row, result unused).
+            self.reference_logps(batch, slice(0, 1))
         if n:
             ref = self.reference_logps(batch, slice(0, 2 * n))
             out = preference_loss(
@@ -163,10 +190,10 @@ class HPLModule(L.LightningModule):
         pair_weight = batch["pair_weight"]
         bc_rows = torch.cat([pair_weight * hp.bc_on_chosen, torch.zeros_like(pair_weight), batch["bc_weight"]])
         bc_loss = None
-        if bc_rows.any():
-            token_mask = batch["scored"][:, 1:] * bc_rows[:, None]
-            bc_loss = -(token_logps * token_mask).sum() / token_mask.sum().clamp_min(1)
-            self._update(stage, "bc", "loss", bc_loss.detach(), token_mask.sum())
+        if bc_rows.any():  # a mean over tokens: sums of the rows' token log-probs over their number of tokens
+            bc_tokens = (n_tokens * bc_rows).sum()
+            bc_loss = -(logps * bc_rows).sum() / bc_tokens.clamp_min(1)
+            self._update(stage, "bc", "loss", bc_loss.detach(), bc_tokens)
         if level_losses or bc_loss is not None:
             loss = hierarchical_loss(level_losses, bc_loss, asdict(self.weights))
         else:  # a batch of fillers only (evens out DDP ranks): a zero that still reaches every parameter
@@ -238,25 +265,47 @@ class HPLModule(L.LightningModule):
         return sum(-(-datamodule.batches_per_epoch(e) // accumulate) for e in range(trainer.max_epochs))
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
-    def _saved_keys(self, state_dict: dict[str, torch.Tensor]) -> list[str]:
-        """Policy weights only; with LoRA only the adapter (the base is reloaded from ``policy``)."""
-        trainable = {f"policy.{name}" for name, p in self.policy.named_parameters() if p.requires_grad}
-        lora = self.lora is not None
-        return [k for k in state_dict if k.startswith("policy.") and (not lora or k in trainable)]
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        state = checkpoint.get("state_dict")
-        if state is not None:
-            keep = set(self._saved_keys(state)) | {k for k in state if k.startswith("metrics.")}
-            checkpoint["state_dict"] = {k: v for k, v in state.items() if k in keep}
-
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         state = checkpoint.get("state_dict")
         if state is not None and self.policy is not None:
-            missing = [k for k in self._saved_keys(self.state_dict()) if k not in state]
+            missing = [k for k in self.state_dict() if k not in state]
             if missing:
                 raise KeyError(f"checkpoint lacks {len(missing)} policy weights, e.g. {missing[:3]}")
 
 
+def _drop_frozen_state(module: "HPLModule", state_dict: dict, prefix: str, metadata: Any) -> None:
+    """Checkpoints hold the policy's trainable state only: no reference, and with LoRA only the adapter (the frozen
+    parts are rebuilt from ``policy``/``reference``). A state-dict hook rather than a checkpoint filter, so sharded
+    (distributed) checkpoints plan their load from the same keys they saved."""
+    trainable = None
+    if module.lora is not None and module.policy is not None:
+        trainable = {f"{prefix}policy.{n}" for n, p in module.policy.named_parameters() if p.requires_grad}
+    for key in list(state_dict):
+        if not key.startswith(f"{prefix}policy.") or (trainable is not None and key not in trainable):
+            del state_dict[key]
+
+
 def _metric_key(stage: str, level: str, stat: str) -> str:
     return f"{stage}_{level}_{stat}"
+
+
+def _packed_logps(model: torch.nn.Module, batch: dict[str, Any]):
+    """One forward over tree rows with a tree mask and depth position ids; logits only where a scored token needs
+    them. SDPA takes a boolean 4D mask, eager an additive one, FlexAttention a BlockMask (GPU; untested on CPU)."""
+    attn = model.config._attn_implementation
+    if attn == "flex_attention":
+        mask = tree_block_mask(batch["tree_end"])
+    elif attn == "sdpa":
+        mask = tree_attention_mask(batch["tree_end"])
+    elif attn == "eager":
+        mask = tree_attention_mask(batch["tree_end"], model.dtype)
+    else:
+        raise ValueError(f"packing needs an attention with arbitrary masks (sdpa, eager, flex_attention), not {attn}")
+    logits = model(
+        input_ids=batch["input_ids"],
+        attention_mask=mask,
+        position_ids=batch["position_ids"],
+        logits_to_keep=batch["logit_keep"],
+        use_cache=False,
+    ).logits
+    return packed_sequence_logps(logits, batch, batch["n_seqs"])

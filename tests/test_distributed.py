@@ -27,7 +27,8 @@ def _fit(run: Path, train: Path, *extra: str) -> subprocess.CompletedProcess:
         f"--checkpoint.dirpath={run / 'ckpt'}", "--trainer.callbacks+=hpl_lightning.callbacks.ConsumedIds",
         f"--trainer.callbacks.path={run / 'ids'}", *extra,
     ]
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900)
+    # a session of its own: a test may kill the whole process group (all ranks) like a lost node
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900, start_new_session=True)
 
 
 def _consumed(run: Path, rank: int) -> list[dict]:
@@ -76,7 +77,7 @@ def test_fsdp2_fits_saves_sharded_checkpoints_and_resumes_exactly(tmp_path):
     strategy = [
         "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
         "--trainer.strategy.data_parallel_size=2", "--trainer.strategy.tensor_parallel_size=1",
-        "--checkpoint.every_n_train_steps=100",
+        "--checkpoint.every_n_train_steps=2",
     ]
     full = _fit(tmp_path / "full", train, *strategy)
     assert full.returncode == 0, full.stderr[-4000:]
@@ -84,15 +85,17 @@ def test_fsdp2_fits_saves_sharded_checkpoints_and_resumes_exactly(tmp_path):
     assert last.is_dir() and len(list(last.glob("*.distcp"))) == 2  # one shard per rank
 
     killed_run = tmp_path / "killed"
+    # every rank SIGKILLed at step 5, mid phase 2 (phase 1: 12 items -> 3 steps of 2x2): resume from step 4
     killed = _fit(killed_run, train, *strategy, "--trainer.callbacks+=tests.killers.KillAt",
-                  "--trainer.callbacks.step=4")  # mid phase 2 (phase 1: 12 items -> 3 steps of 2x2)
-    assert len(_consumed(killed_run, 0)) == 4, killed.stderr[-4000:]
+                  "--trainer.callbacks.step=5", "--trainer.callbacks.signal_name=SIGKILL",
+                  "--trainer.callbacks.process_group=true")
+    assert killed.returncode == -9 and len(_consumed(killed_run, 0)) == 5, killed.stderr[-4000:]
     resumed = _fit(killed_run, train, *strategy, "--ckpt_path=last",
                    f"--trainer.callbacks.path={killed_run / 'after'}")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     for rank in (0, 1):
         after = [b["ids"] for b in (json.loads(x) for x in (killed_run / f"after.rank{rank}.jsonl").read_text().splitlines())]
-        assert after == [b["ids"] for b in _consumed(tmp_path / "full", rank)][4:]
+        assert after == [b["ids"] for b in _consumed(tmp_path / "full", rank)][4:]  # redo step 5, then onwards
 
     expected = _sharded_policy(last, tmp_path / "full.pt")
     got = _sharded_policy(killed_run / "ckpt" / "last.ckpt", tmp_path / "resumed.pt")
