@@ -21,6 +21,7 @@ class HPLCLI(LightningCLI):
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.link_arguments("model.policy", "data.tokenizer")
+        parser.link_arguments("model.packing", "data.packing")  # packing is done by the collate, used by the model
         parser.set_defaults(
             {
                 # last.ckpt on every save, plus one on SIGTERM/exceptions: a preempted run resumes where it stopped.

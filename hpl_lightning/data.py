@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from hpl_lightning.curriculum import Curriculum, Slot, epoch_batches, phase_members
 from hpl_lightning.models import load_tokenizer
+from hpl_lightning.packing import pack
 from hpl_lightning.schema import LEVELS, load_records
 from hpl_lightning.tokenization import ChatTokenizer, Example, OverlongPolicy, TokenizationReport, UnscorablePolicy
 
@@ -53,14 +54,31 @@ class ExampleDataset(Dataset):
         return self.examples[slot.index], slot.filler
 
 
-def collate(items: list[tuple[Example, bool]], pad_id: int) -> dict[str, Any]:
-    """Right-padded sequences ordered [pairs' chosen, pairs' rejected, bc trajectories] plus per-item metadata.
+def collate(
+    items: list[tuple[Example, bool]], pad_id: int, packing: bool = False, pack_row_tokens: int | None = None
+) -> dict[str, Any]:
+    """Sequences ordered [pairs' chosen, pairs' rejected, bc trajectories] plus per-item metadata.
 
-    ``scored[b, t]`` marks tokens whose log-prob counts; fillers (weight 0) only keep ranks in step.
+    Per-pair (default): one right-padded row per sequence; ``scored[b, t]`` marks tokens whose log-prob counts.
+    ``packing``: shared-prefix tree rows instead (:func:`hpl_lightning.packing.pack`), same sequence order.
+    Fillers (weight 0) only keep ranks in step. ``ref_logps`` ([chosen..., rejected...]) when every pair has cached
+    reference log-probs.
     """
     pairs = [(ex, f) for ex, f in items if ex.rejected is not None]
     bcs = [(ex, f) for ex, f in items if ex.rejected is None]
     seqs = [ex.chosen for ex, _ in pairs] + [ex.rejected for ex, _ in pairs] + [ex.chosen for ex, _ in bcs]
+    meta = {
+        "n_pairs": len(pairs),
+        "n_seqs": len(seqs),
+        "pair_level": torch.tensor([LEVEL_CODES[ex.level] for ex, _ in pairs], dtype=torch.long),
+        "pair_weight": torch.tensor([0.0 if f else 1.0 for _, f in pairs]),
+        "bc_weight": torch.tensor([0.0 if f else 1.0 for _, f in bcs]),
+        "ids": [ex.id for ex, f in items if not f],
+    }
+    if pairs and all(ex.ref_logps is not None for ex, _ in pairs):
+        meta["ref_logps"] = torch.tensor([ex.ref_logps[0] for ex, _ in pairs] + [ex.ref_logps[1] for ex, _ in pairs])
+    if packing:
+        return {**pack(seqs, pad_id, pack_row_tokens).as_dict(), **meta}
     width = max(len(s.input_ids) for s in seqs)
     input_ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attention_mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -70,26 +88,19 @@ def collate(items: list[tuple[Example, bool]], pad_id: int) -> dict[str, Any]:
         input_ids[b, :n] = torch.tensor(s.input_ids)
         attention_mask[b, :n] = 1
         scored[b, :n] = torch.tensor(s.scored)
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention_mask,
-        "scored": scored,
-        "n_pairs": len(pairs),
-        "pair_level": torch.tensor([LEVEL_CODES[ex.level] for ex, _ in pairs], dtype=torch.long),
-        "pair_weight": torch.tensor([0.0 if f else 1.0 for _, f in pairs]),
-        "bc_weight": torch.tensor([0.0 if f else 1.0 for _, f in bcs]),
-        "ids": [ex.id for ex, f in items if not f],
-    }
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "scored": scored, **meta}
 
 
-class _Collate:
-    """Picklable collate (worker processes) bound to the pad id."""
+@dataclass(frozen=True)
+class Collate:
+    """Picklable collate (worker processes) bound to the pad id and the packing settings."""
 
-    def __init__(self, pad_id: int):
-        self.pad_id = pad_id
+    pad_id: int
+    packing: bool = False
+    pack_row_tokens: int | None = None
 
     def __call__(self, items: list[tuple[Example, bool]]) -> dict[str, Any]:
-        return collate(items, self.pad_id)
+        return collate(items, self.pad_id, self.packing, self.pack_row_tokens)
 
 
 class ResumableLoader(DataLoader):
@@ -136,6 +147,9 @@ class HPLDataModule(L.LightningDataModule):
     Files are JSON Lines in the data contract (``docs/data-format.md``); a file may mix pairs and trajectories, and
     ``train_path`` may list several files. Everything is validated and tokenized in ``setup`` so bad data stops the
     run before any training step, with file, line and field in the error.
+
+    ``packing`` (linked from ``model.packing`` by the CLI) collates shared-prefix tree rows; ``pack_row_tokens``
+    caps a packed row (None: one row per batch), bounding the attention's quadratic cost on dense-mask backends.
     """
 
     def __init__(
@@ -152,6 +166,8 @@ class HPLDataModule(L.LightningDataModule):
         seed: int = 0,
         curriculum: Curriculum = Curriculum(),
         schedule: PhaseSchedule = PhaseSchedule(),
+        packing: bool = False,
+        pack_row_tokens: int | None = None,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -238,7 +254,7 @@ class HPLDataModule(L.LightningDataModule):
             self._batches(epoch, self._rank(), self._world_size()),
             epoch=epoch,
             phase=self.phase(epoch),
-            collate_fn=_Collate(self._pad_id),
+            collate_fn=self.make_collate(),
             num_workers=self.hparams.num_workers,
         )
 
@@ -251,7 +267,7 @@ class HPLDataModule(L.LightningDataModule):
         return DataLoader(
             ExampleDataset(self.examples[split]),
             batch_sampler=batches,
-            collate_fn=_Collate(self._pad_id),
+            collate_fn=self.make_collate(),
             num_workers=self.hparams.num_workers,
         )
 
@@ -260,6 +276,9 @@ class HPLDataModule(L.LightningDataModule):
 
     def test_dataloader(self) -> DataLoader:
         return self._eval_loader("test")
+
+    def make_collate(self) -> Collate:
+        return Collate(self._pad_id, self.hparams.packing, self.hparams.pack_row_tokens)
 
     def _check_sampler_setting(self) -> None:
         trainer = self.trainer

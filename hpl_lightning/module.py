@@ -137,28 +137,30 @@ class HPLModule(L.LightningModule):
 
     # -- log-probs -----------------------------------------------------------------------------------------------
     @staticmethod
-    def sequence_logps(model: torch.nn.Module, batch: dict[str, Any], rows: slice = slice(None)):
+    def sequence_logps(
+        model: torch.nn.Module, batch: dict[str, Any], rows: slice = slice(None), sum_dtype=torch.float32
+    ):
         """Summed log-prob of the scored tokens per sequence, the number of scored tokens, and the token log-probs.
 
         Per-pair batches: token log-probs ``[rows, T-1]``. Packed batches: the tree rows are run whole (``rows``
-        selects sequences afterwards) and token log-probs are one per unique scored token.
+        selects sequences afterwards) and token log-probs are one per unique scored token. Training sums in
+        float64 (``sum_dtype``): DPO takes differences of differences of sums of hundreds of token log-probs.
         """
         if "tree_end" in batch:
-            logps, n_tokens, token_logps = _packed_logps(model, batch)
+            logps, n_tokens, token_logps = _packed_logps(model, batch, sum_dtype)
             return logps[rows], n_tokens[rows], token_logps
         input_ids, attention_mask = batch["input_ids"][rows], batch["attention_mask"][rows]
         logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
         labels, mask = input_ids[:, 1:], batch["scored"][rows, 1:]
         token_logps = -F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
-        # float64 sums: DPO takes differences of differences of sums of hundreds of token log-probs
-        return (token_logps.double() * mask).sum(-1), mask.sum(-1), token_logps
+        return (token_logps.to(sum_dtype) * mask).sum(-1), mask.sum(-1), token_logps
 
     def reference_logps(self, batch: dict[str, Any], rows: slice) -> torch.Tensor:
         with torch.no_grad():
             if self.reference is not None:
-                return self.sequence_logps(self.reference, batch, rows)[0]
+                return self.sequence_logps(self.reference, batch, rows, torch.float64)[0]
             with self.policy.disable_adapter():
-                return self.sequence_logps(self.policy, batch, rows)[0]
+                return self.sequence_logps(self.policy, batch, rows, torch.float64)[0]
 
     # -- steps ---------------------------------------------------------------------------------------------------
     def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
@@ -169,7 +171,7 @@ class HPLModule(L.LightningModule):
                 "set data.packing to the same value"
             )
         n = batch["n_pairs"]
-        logps, n_tokens, _ = self.sequence_logps(self.policy, batch)
+        logps, n_tokens, _ = self.sequence_logps(self.policy, batch, sum_dtype=torch.float64)
         level_losses: dict[str, torch.Tensor] = {}
         if not n and self._sharded:
             # Sharded models gather their weights collectively: every rank must run the same forwards, so a rank
@@ -289,7 +291,7 @@ def _metric_key(stage: str, level: str, stat: str) -> str:
     return f"{stage}_{level}_{stat}"
 
 
-def _packed_logps(model: torch.nn.Module, batch: dict[str, Any]):
+def _packed_logps(model: torch.nn.Module, batch: dict[str, Any], sum_dtype: torch.dtype):
     """One forward over tree rows with a tree mask and depth position ids; logits only where a scored token needs
     them. SDPA takes a boolean 4D mask, eager an additive one, FlexAttention a BlockMask (GPU; untested on CPU)."""
     attn = model.config._attn_implementation
@@ -308,4 +310,4 @@ def _packed_logps(model: torch.nn.Module, batch: dict[str, Any]):
         logits_to_keep=batch["logit_keep"],
         use_cache=False,
     ).logits
-    return packed_sequence_logps(logits, batch, batch["n_seqs"])
+    return packed_sequence_logps(logits, batch, batch["n_seqs"], sum_dtype)

@@ -43,6 +43,8 @@ class Example:
     rejected: TokenizedSequence | None = None
     group_length: int | None = None
     difficulty: float | None = None
+    # Precomputed reference log-probs (chosen, rejected) when ``model.reference_cache`` is on; not part of the data.
+    ref_logps: tuple[float, float] | None = None
 
 
 @dataclass
