@@ -47,20 +47,33 @@ def load_trajectories(path: str) -> list[Trajectory]:
 
 
 # ------------------------------------------------------------------------------------------------ import
-def import_(input: str, output: str, source: str = "intercode", success_only: bool = True, task: str = "agent",
-            limit: int | None = None) -> int:
-    """Converts existing data to trajectory records (see ``hpl_lightning.importers``).
+def import_(output: str, input: str | None = None, source: str = "intercode", success_only: bool = True,
+            task: str = "agent", limit: int | None = None, split: str = "train", splits: str | None = None,
+            workers: int = 1) -> int:
+    """Converts existing data to trajectory records (see ``hpl_lightning.importers``), or plays ScienceWorld's gold
+    paths into expert trajectories (``source: sciworld_gold``, resumable; see ``sciworld.gold_experts``).
 
     Args:
-        input: the file to convert.
         output: trajectory JSONL to write.
-        source: intercode (InterCode's recorded results), sharegpt (ETO/IPR) or conversations (role/content).
+        input: the file to convert (not for sciworld_gold).
+        source: intercode (InterCode's recorded results), sharegpt (ETO/IPR), conversations (role/content) or
+            sciworld_gold.
         success_only: intercode: keep only episodes with reward 1 (expert data).
         task: sharegpt/conversations: task name of the records.
         limit: keep only the first N trajectories (a small subset for a quick run).
+        split: sciworld_gold: train, dev or test.
+        splits: sciworld_gold: a splits.json other than the shared one (e.g. a hand-picked subset).
+        workers: sciworld_gold: simulators in parallel.
     """
     from hpl_lightning import importers
 
+    if source == "sciworld_gold":
+        from hpl_lightning.envs.sciworld import DEFAULT_SPLITS, gold_experts
+
+        result = gold_experts(split, output, limit, workers, splits or str(DEFAULT_SPLITS))
+        return result["written"] + result["skipped"]
+    if input is None:
+        raise ValueError(f"source {source!r} needs --input")
     if source == "intercode":
         importers.intercode(input, output, success_only=success_only)
     elif source in ("sharegpt", "conversations"):

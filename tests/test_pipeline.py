@@ -1,0 +1,237 @@
+"""The data pipeline (`python -m hpl_lightning.pipeline`): pair filters on hand-made rollouts, then end to end on
+InterCode-SQL (real server) and ScienceWorld (real simulator) with the tiny policy, through `train.py fit`, and crash
+safety of `explore` under SIGKILL."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from hpl_lightning.pairs import PairFilters, Rollout, accepted_tries, build_pairs, rollout_key
+from hpl_lightning.schema import Trajectory, load_records
+
+REPO = Path(__file__).resolve().parents[1]
+DATA = REPO.parent / "shared" / "data"
+RECORDINGS = DATA / "intercode_sql" / "gpt-3.5_react_10_turns.json"
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+# ------------------------------------------------------------------------------------------------ pure pair logic
+def _expert(groups: list[list[int]] | None = None, reward: float = 1.0) -> Trajectory:
+    messages = [{"role": "user", "content": "instruction"}, {"role": "assistant", "content": "OK"},
+                {"role": "user", "content": "task"}]
+    for i in range(4):
+        messages += [{"role": "assistant", "content": f"Thought: t{i}\nAction: a{i}"},
+                     {"role": "user", "content": f"Observation: o{i}"}]
+    return Trajectory("x/1", "x", messages, reward, {"groups": groups or [[0, 1], [2, 3]]})
+
+
+def _roll(level: str, index: int, role: str, sample: int, reward: float, actions: list[str] | None = None,
+          parent: int | None = None) -> Rollout:
+    actions = actions if actions is not None else [f"b{sample}"]
+    messages = []
+    for a in actions:
+        messages += [{"role": "assistant", "content": f"Action: {a}"}, {"role": "user", "content": "Observation: z"}]
+    return Rollout(rollout_key("x/1", level, index, role, sample, parent), "x/1", level, index, role, sample,
+                   messages, list(actions), reward, True, parent)
+
+
+def test_trajectory_pairs_choose_the_better_episode_and_drop_ties() -> None:
+    expert = _expert()
+    pairs, report = build_pairs([expert], [_roll("trajectory", 0, "agent", 0, 0.0)])
+    (pair,) = [p for p in pairs if p.level == "trajectory"]
+    assert pair.chosen == expert.messages[3:] and pair.chosen_reward == 1.0 and pair.rejected_reward == 0.0
+    assert pair.prompt == expert.messages[:3]
+    _, report = build_pairs([expert], [_roll("trajectory", 0, "agent", 0, 0.995)])
+    assert report.dropped["trajectory"]["reward_margin"] == 1 and report.kept["trajectory"] == 0
+
+
+def test_step_pairs_filter_on_final_reward_and_mc_value() -> None:
+    expert = _expert()
+    rollouts = [
+        # t=1: agent worse in both: kept
+        _roll("step", 1, "proposal", 0, 0.0), _roll("step", 1, "proposal_mc", 1, 0.0),
+        _roll("step", 1, "expert_mc", 0, 1.0), _roll("step", 1, "expert_mc", 1, 0.5),
+        # t=2: final rewards equal: dropped by the reward margin
+        _roll("step", 2, "proposal", 0, 1.0), _roll("step", 2, "expert_mc", 0, 1.0),
+        # t=3: MC values too close (0.75 vs 0.5): dropped by the value margin
+        _roll("step", 3, "proposal", 0, 0.0), _roll("step", 3, "proposal_mc", 1, 1.0),
+        _roll("step", 3, "expert_mc", 0, 1.0), _roll("step", 3, "expert_mc", 1, 0.5),
+    ]
+    pairs, report = build_pairs([expert], rollouts, levels=["step"])
+    (pair,) = pairs
+    assert pair.prompt == expert.messages[:5] and pair.chosen == expert.messages[5:]
+    assert pair.rejected == rollouts[0].messages and (pair.chosen_reward, pair.rejected_reward) == (0.75, 0.0)
+    assert dict(report.dropped["step"]) == {"reward_margin": 1, "value_margin": 1}
+    loose, _ = build_pairs([expert], rollouts, PairFilters(step_value_margin=0.2), levels=["step"])
+    assert len(loose) == 2
+
+
+def test_negatives_are_distinct_full_length_and_at_most_three() -> None:
+    expert_sig = ("a0", "a1")
+    tries = [_roll("group", 0, "try", k, 0.0, acts) for k, acts in enumerate(
+        [["a0", "a1"], ["c", "d"], ["c", "d"], ["e"], ["f", "g"], ["h", "i"], ["j", "k"]])]
+    assert [t.sample for t in accepted_tries(expert_sig, tries, 2)] == [1, 4, 5]
+    assert [t.sample for t in accepted_tries(expert_sig, list(reversed(tries)), 2, 2)] == [1, 4]
+
+
+def test_group_pairs_use_mc_values_and_paper_filters() -> None:
+    expert = _expert([[0, 1], [2, 3]])
+    rollouts = [
+        _roll("group", 0, "expert_mc", 0, 1.0), _roll("group", 0, "expert_mc", 1, 0.8),
+        _roll("group", 0, "try", 0, 0.0, ["p", "q"]), _roll("group", 0, "try", 1, 0.0, ["r", "s"]),
+        _roll("group", 0, "negative_mc", 0, 0.0, parent=0), _roll("group", 0, "negative_mc", 1, 0.2, parent=0),
+        _roll("group", 0, "negative_mc", 0, 0.8, parent=1),  # gap 0.1: margin
+        _roll("group", 1, "expert_mc", 0, 0.6), _roll("group", 1, "try", 0, 0.0, ["u", "v"]),
+        _roll("group", 1, "negative_mc", 0, 0.0, parent=0),  # r(G_w) = 0.6 < 0.8: min_chosen
+    ]
+    pairs, report = build_pairs([expert], rollouts, levels=["group"])
+    (pair,) = pairs
+    assert pair.group_length == 2 and pair.difficulty == pytest.approx(0.8)
+    assert pair.prompt == expert.messages[:3]
+    assert pair.chosen == expert.messages[3:6]  # two actions, the observation between, none after the last
+    assert [m["role"] for m in pair.rejected] == ["assistant", "user", "assistant"]
+    assert dict(report.dropped["group"]) == {"margin": 1, "min_chosen": 1}
+    assert "group" in report.summary() and "1 margin" in report.summary()
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+def pipeline(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    done = subprocess.run([sys.executable, "-m", "hpl_lightning.pipeline", *args], cwd=REPO, env=ENV,
+                          capture_output=True, text=True, timeout=timeout)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
+    return done
+
+
+def fit(tmp: Path, *train: Path) -> None:
+    args = [sys.executable, "train.py", "fit", f"--data.train_path={json.dumps([str(p) for p in train])}",
+            "--model.policy=hpl-tiny", "--trainer.max_steps=2", "--trainer.accelerator=cpu",
+            f"--trainer.default_root_dir={tmp}", f"--trainer.logger.init_args.save_dir={tmp}",
+            f"--checkpoint.dirpath={tmp / 'ckpt'}", "--data.max_length=512", "--data.batch_size=2"]
+    done = subprocess.run(args, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert (tmp / "ckpt" / "last.ckpt").is_file()
+
+
+def keys(path: Path) -> list[str]:
+    return [json.loads(line)["key"] for line in path.read_text().splitlines() if line.strip()]
+
+
+def pair_levels(path: Path) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for record, _ in load_records(path):
+        level = getattr(record, "level", "expert")
+        counts[level] = counts.get(level, 0) + 1
+    return counts
+
+
+SQL_EXPLORE = ["--benchmark", "intercode_sql", "--exploration.mc_samples", "2", "--max_new_tokens", "4",
+               "--envs", "2", "--threads", "1", "--progress", "false"]
+
+
+# ------------------------------------------------------------------------------------------------ InterCode-SQL
+@pytest.fixture(scope="module")
+def sql_experts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    tmp = tmp_path_factory.mktemp("sql")
+    pipeline("import", "--input", str(RECORDINGS), "--output", str(tmp / "experts.jsonl"), "--limit", "2")
+    pipeline("segment", "--input", str(tmp / "experts.jsonl"), "--output", str(tmp / "segmented.jsonl"),
+             "--segmenter", "fixed_k")
+    return tmp / "segmented.jsonl"
+
+
+@pytest.mark.mysql
+@pytest.mark.slow
+def test_intercode_sql_end_to_end(mysql_url: str, sql_experts: Path, tmp_path: Path) -> None:
+    experts = [r for r, _ in load_records(sql_experts)]
+    assert len(experts) == 2 and all(r.reward == 1.0 and r.meta["groups"] for r in experts)  # type: ignore
+    done = pipeline("explore", "--experts", str(sql_experts), "--output", str(tmp_path / "rollouts.jsonl"),
+                    "--db_url", mysql_url, *SQL_EXPLORE)
+    assert "rollouts/s" in done.stdout and "restore" in done.stdout
+    ks = keys(tmp_path / "rollouts.jsonl")
+    assert len(ks) == len(set(ks))
+    done = pipeline("pairs", "--experts", str(sql_experts), "--rollouts", str(tmp_path / "rollouts.jsonl"),
+                    "--output", str(tmp_path / "pairs.jsonl"), "--with_experts", "true")
+    assert "dropped" in done.stdout
+    counts = pair_levels(tmp_path / "pairs.jsonl")
+    assert all(counts.get(level, 0) >= 1 for level in ("trajectory", "step", "group")), (counts, done.stdout)
+    fit(tmp_path, tmp_path / "pairs.jsonl")
+
+
+@pytest.mark.mysql
+@pytest.mark.slow
+def test_killed_explore_resumes_to_the_same_rollouts(mysql_url: str, sql_experts: Path, tmp_path: Path) -> None:
+    reference, killed = tmp_path / "reference.jsonl", tmp_path / "killed.jsonl"
+    pipeline("explore", "--experts", str(sql_experts), "--output", str(reference), "--db_url", mysql_url,
+             *SQL_EXPLORE)
+    cmd = [sys.executable, "-m", "hpl_lightning.pipeline", "explore", "--experts", str(sql_experts), "--output",
+           str(killed), "--db_url", mysql_url, *SQL_EXPLORE]
+    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while (not killed.exists() or len(killed.read_text().splitlines()) < 20) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    partial = keys(killed)
+    assert 20 <= len(partial) < len(keys(reference))
+    done = pipeline("explore", "--experts", str(sql_experts), "--output", str(killed), "--db_url", mysql_url,
+                    *SQL_EXPLORE)
+    assert f"{len(partial)} rollouts already in" in done.stdout
+    resumed = keys(killed)
+    assert len(resumed) == len(set(resumed))  # nothing ran twice
+    assert resumed[: len(partial)] == partial and set(resumed) == set(keys(reference))  # nothing lost
+
+
+def test_uncertainty_segmentation_computes_entropies_with_the_reference(tmp_path: Path) -> None:
+    pipeline("import", "--input", str(RECORDINGS), "--output", str(tmp_path / "e.jsonl"), "--limit", "3")
+    pipeline("segment", "--input", str(tmp_path / "e.jsonl"), "--output", str(tmp_path / "s.jsonl"),
+             "--segmenter", "uncertainty", "--reference", "hpl-tiny")
+    for record, _ in load_records(tmp_path / "s.jsonl"):
+        n = record.n_actions - 1  # type: ignore[union-attr]  # the "OK" acknowledgement is not an action
+        assert len(record.meta["action_entropies"]) == n and all(h > 0 for h in record.meta["action_entropies"])
+        assert record.meta["groups"][0][0] == 0 and record.meta["groups"][-1][1] == n - 1
+    assert "fixed_k" in pipeline("stats", "--input", str(tmp_path / "s.jsonl"), "--segmenters",
+                                 '["fixed_k", "uncertainty"]').stdout
+
+
+# ------------------------------------------------------------------------------------------------ ScienceWorld
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("java") is None, reason="ScienceWorld's simulator needs a Java runtime")
+def test_sciworld_end_to_end(tmp_path: Path) -> None:
+    splits = json.loads((DATA / "sciworld" / "splits.json").read_text())
+    splits["splits"]["train"] = [["lifespan-longest-lived", 2], ["lifespan-longest-lived", 61]]  # 3 and 7 actions
+    (tmp_path / "splits.json").write_text(json.dumps(splits))
+    gold = tmp_path / "gold.jsonl"
+    pipeline("import", "--source", "sciworld_gold", "--output", str(gold), "--splits", str(tmp_path / "splits.json"))
+    assert [r.id for r, _ in load_records(gold)] == ["sciworld/lifespan-longest-lived/2",
+                                                      "sciworld/lifespan-longest-lived/61"]
+    explore = ["--benchmark", "sciworld", "--exploration.mc_samples", "2", "--exploration.max_actions", "2",
+               "--exploration.step_stride", "4", "--max_new_tokens", "4", "--envs", "2", "--threads", "1",
+               "--progress", "false"]
+    train = []
+    for segmenter, options, levels in (("fixed_k", '{"group_size": 2}', '["trajectory", "step", "group"]'),
+                                       ("semantic_embedding", "{}", '["group"]')):
+        seg, roll, out = (tmp_path / f"{segmenter}.{x}.jsonl" for x in ("segmented", "rollouts", "pairs"))
+        pipeline("segment", "--input", str(gold), "--output", str(seg), "--segmenter", segmenter, "--options", options)
+        pipeline("explore", "--experts", str(seg), "--output", str(roll), "--exploration.levels", levels, *explore)
+        pipeline("pairs", "--experts", str(seg), "--rollouts", str(roll), "--output", str(out), "--levels", levels)
+        train.append(out)
+    counts = pair_levels(train[0])
+    assert all(counts.get(level, 0) >= 1 for level in ("trajectory", "step", "group")), counts
+    assert pair_levels(train[1]).get("group", 0) >= 1
+    fit(tmp_path, *train)
+    done = subprocess.run(
+        [sys.executable, "evaluate.py", "run", "--benchmark", "sciworld", "--split", "dev", "--limit", "2",
+         "--policy", str(tmp_path / "ckpt" / "last.ckpt"), "--max_new_tokens", "4", "--workers", "2",
+         "--threads", "1", "--output_dir", str(tmp_path / "eval")],
+        cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-4000:]
+    summary = json.loads((tmp_path / "eval" / "summary.json").read_text())
+    assert summary["n"] == 2 and summary["complete"]
