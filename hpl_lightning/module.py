@@ -116,6 +116,7 @@ class HPLModule(L.LightningModule):
             reference = copy.deepcopy(policy)
         if self.lora is not None:
             policy = apply_lora(policy, self.lora, hp.quantization != "none", hp.gradient_checkpointing)
+        policy.train()  # from_pretrained returns eval mode, and Lightning keeps module modes as they are
         if reference is not None:
             reference.requires_grad_(False)
             reference.eval()

@@ -22,7 +22,8 @@ def _fit(tmp_path, base, *extra):
         HPLModule, HPLDataModule, seed_everything_default=0, save_config_kwargs={"overwrite": True},
         args=["fit", f"--model.policy={base}", "--model.lora.r=4", "--model.lora.alpha=8", "--model.optim.lr=1e-2",
               f"--data.train_path={train}", "--data.max_length=512", "--trainer.max_steps=3",
-              "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false", "--trainer.logger=false",
+              "--trainer.accelerator=cpu", "--trainer.enable_progress_bar=false",
+              f"--trainer.logger.init_args.save_dir={tmp_path}",
               f"--trainer.default_root_dir={tmp_path}", f"--checkpoint.dirpath={tmp_path / 'ckpt'}", *extra],
     )
 
