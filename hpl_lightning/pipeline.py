@@ -310,10 +310,11 @@ def stats(
     return result
 
 
-def main(args: Sequence[str] | None = None) -> None:
+def main(args: Sequence[str] | None = None) -> Any:
+    """Runs a subcommand and returns its result (for in-process callers and tests)."""
     from jsonargparse import CLI
 
-    CLI({"import": import_, "segment": segment, "explore": explore, "pairs": pairs, "stats": stats},
+    return CLI({"import": import_, "segment": segment, "explore": explore, "pairs": pairs, "stats": stats},
         args=args, as_positional=False)
 
 

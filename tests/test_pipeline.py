@@ -12,9 +12,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from hpl_lightning.pipeline import main
 from hpl_lightning.pairs import PairFilters, Rollout, accepted_tries, build_pairs, rollout_key
 from hpl_lightning.schema import Trajectory, load_records
 
@@ -104,18 +106,16 @@ def test_group_pairs_use_mc_values_and_paper_filters() -> None:
 
 
 # ------------------------------------------------------------------------------------------------ helpers
-def pipeline(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    done = subprocess.run([sys.executable, "-m", "hpl_lightning.pipeline", *args], cwd=REPO, env=ENV,
-                          capture_output=True, text=True, timeout=timeout)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-4000:]
-    return done
+def pipeline(*args: str) -> Any:
+    """In process (the subprocess start-up of torch and transformers would dominate these small runs)."""
+    return main(list(args))
 
 
-def fit(tmp: Path, *train: Path) -> None:
+def fit(tmp: Path, *train: Path, max_length: int = 512) -> None:
     args = [sys.executable, "train.py", "fit", f"--data.train_path={json.dumps([str(p) for p in train])}",
             "--model.policy=hpl-tiny", "--trainer.max_steps=2", "--trainer.accelerator=cpu",
             f"--trainer.default_root_dir={tmp}", f"--trainer.logger.init_args.save_dir={tmp}",
-            f"--checkpoint.dirpath={tmp / 'ckpt'}", "--data.max_length=512", "--data.batch_size=2"]
+            f"--checkpoint.dirpath={tmp / 'ckpt'}", f"--data.max_length={max_length}", "--data.batch_size=2"]
     done = subprocess.run(args, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
     assert (tmp / "ckpt" / "last.ckpt").is_file()
@@ -147,33 +147,43 @@ def sql_experts(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp / "segmented.jsonl"
 
 
+@pytest.fixture(scope="module")
+def sql_rollouts(mysql_url: str, sql_experts: Path) -> tuple[Path, dict[str, Any]]:
+    """One uninterrupted exploration: the end-to-end test's input and the crash test's reference."""
+    path = sql_experts.parent / "rollouts.jsonl"
+    summary = pipeline("explore", "--experts", str(sql_experts), "--output", str(path), "--db_url", mysql_url,
+                       *SQL_EXPLORE)
+    return path, summary
+
+
 @pytest.mark.mysql
 @pytest.mark.slow
-def test_intercode_sql_end_to_end(mysql_url: str, sql_experts: Path, tmp_path: Path) -> None:
+def test_intercode_sql_end_to_end(sql_experts: Path, sql_rollouts: tuple[Path, dict[str, Any]],
+                                  tmp_path: Path) -> None:
     experts = [r for r, _ in load_records(sql_experts)]
     assert len(experts) == 2 and all(r.reward == 1.0 and r.meta["groups"] for r in experts)  # type: ignore
-    done = pipeline("explore", "--experts", str(sql_experts), "--output", str(tmp_path / "rollouts.jsonl"),
-                    "--db_url", mysql_url, *SQL_EXPLORE)
-    assert "rollouts/s" in done.stdout and "restore" in done.stdout
-    ks = keys(tmp_path / "rollouts.jsonl")
-    assert len(ks) == len(set(ks))
-    done = pipeline("pairs", "--experts", str(sql_experts), "--rollouts", str(tmp_path / "rollouts.jsonl"),
-                    "--output", str(tmp_path / "pairs.jsonl"), "--with_experts", "true")
-    assert "dropped" in done.stdout
+    rollouts, summary = sql_rollouts
+    ks = keys(rollouts)
+    assert len(ks) == len(set(ks)) == summary["rollouts"] and summary["rollouts_per_second"] > 0
+    assert {"generate", "step", "restore"} <= set(summary["seconds"])
+    assert {"agent", "proposal", "proposal_mc", "expert_mc", "try", "negative_mc"} == set(summary["per_role"])
+    result = pipeline("pairs", "--experts", str(sql_experts), "--rollouts", str(rollouts),
+                      "--output", str(tmp_path / "pairs.jsonl"), "--with_experts", "true")
     counts = pair_levels(tmp_path / "pairs.jsonl")
-    assert all(counts.get(level, 0) >= 1 for level in ("trajectory", "step", "group")), (counts, done.stdout)
+    assert counts == {**result["pairs"], "expert": 2}
+    assert all(counts.get(level, 0) >= 1 for level in ("trajectory", "step", "group")), result
     fit(tmp_path, tmp_path / "pairs.jsonl")
 
 
 @pytest.mark.mysql
 @pytest.mark.slow
-def test_killed_explore_resumes_to_the_same_rollouts(mysql_url: str, sql_experts: Path, tmp_path: Path) -> None:
-    reference, killed = tmp_path / "reference.jsonl", tmp_path / "killed.jsonl"
-    pipeline("explore", "--experts", str(sql_experts), "--output", str(reference), "--db_url", mysql_url,
-             *SQL_EXPLORE)
-    cmd = [sys.executable, "-m", "hpl_lightning.pipeline", "explore", "--experts", str(sql_experts), "--output",
-           str(killed), "--db_url", mysql_url, *SQL_EXPLORE]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def test_killed_explore_resumes_to_the_same_rollouts(mysql_url: str, sql_experts: Path,
+                                                     sql_rollouts: tuple[Path, dict[str, Any]], tmp_path: Path,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    reference, killed = sql_rollouts[0], tmp_path / "killed.jsonl"
+    args = ["explore", "--experts", str(sql_experts), "--output", str(killed), "--db_url", mysql_url, *SQL_EXPLORE]
+    proc = subprocess.Popen([sys.executable, "-m", "hpl_lightning.pipeline", *args], cwd=REPO, env=ENV,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 120
     while (not killed.exists() or len(killed.read_text().splitlines()) < 20) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -181,9 +191,8 @@ def test_killed_explore_resumes_to_the_same_rollouts(mysql_url: str, sql_experts
     proc.wait()
     partial = keys(killed)
     assert 20 <= len(partial) < len(keys(reference))
-    done = pipeline("explore", "--experts", str(sql_experts), "--output", str(killed), "--db_url", mysql_url,
-                    *SQL_EXPLORE)
-    assert f"{len(partial)} rollouts already in" in done.stdout
+    pipeline(*args)
+    assert f"{len(partial)} rollouts already in" in capsys.readouterr().out
     resumed = keys(killed)
     assert len(resumed) == len(set(resumed))  # nothing ran twice
     assert resumed[: len(partial)] == partial and set(resumed) == set(keys(reference))  # nothing lost
@@ -197,8 +206,8 @@ def test_uncertainty_segmentation_computes_entropies_with_the_reference(tmp_path
         n = record.n_actions - 1  # type: ignore[union-attr]  # the "OK" acknowledgement is not an action
         assert len(record.meta["action_entropies"]) == n and all(h > 0 for h in record.meta["action_entropies"])
         assert record.meta["groups"][0][0] == 0 and record.meta["groups"][-1][1] == n - 1
-    assert "fixed_k" in pipeline("stats", "--input", str(tmp_path / "s.jsonl"), "--segmenters",
-                                 '["fixed_k", "uncertainty"]').stdout
+    stats = pipeline("stats", "--input", str(tmp_path / "s.jsonl"), "--segmenters", '["fixed_k", "uncertainty"]')
+    assert stats["fixed_k"]["trajectories"] == stats["uncertainty"]["trajectories"] == 3
 
 
 # ------------------------------------------------------------------------------------------------ ScienceWorld
@@ -213,7 +222,7 @@ def test_sciworld_end_to_end(tmp_path: Path) -> None:
     assert [r.id for r, _ in load_records(gold)] == ["sciworld/lifespan-longest-lived/2",
                                                       "sciworld/lifespan-longest-lived/61"]
     explore = ["--benchmark", "sciworld", "--exploration.mc_samples", "2", "--exploration.max_actions", "2",
-               "--exploration.step_stride", "4", "--max_new_tokens", "4", "--envs", "2", "--threads", "1",
+               "--exploration.step_stride", "2", "--max_new_tokens", "4", "--envs", "2", "--threads", "1",
                "--progress", "false"]
     train = []
     for segmenter, options, levels in (("fixed_k", '{"group_size": 2}', '["trajectory", "step", "group"]'),
@@ -226,7 +235,7 @@ def test_sciworld_end_to_end(tmp_path: Path) -> None:
     counts = pair_levels(train[0])
     assert all(counts.get(level, 0) >= 1 for level in ("trajectory", "step", "group")), counts
     assert pair_levels(train[1]).get("group", 0) >= 1
-    fit(tmp_path, *train)
+    fit(tmp_path, *train, max_length=2048)  # ScienceWorld's instruction and observations are long
     done = subprocess.run(
         [sys.executable, "evaluate.py", "run", "--benchmark", "sciworld", "--split", "dev", "--limit", "2",
          "--policy", str(tmp_path / "ckpt" / "last.ckpt"), "--max_new_tokens", "4", "--workers", "2",
