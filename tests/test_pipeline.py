@@ -215,27 +215,28 @@ def test_uncertainty_segmentation_computes_entropies_with_the_reference(tmp_path
 @pytest.mark.skipif(shutil.which("java") is None, reason="ScienceWorld's simulator needs a Java runtime")
 def test_sciworld_end_to_end(tmp_path: Path) -> None:
     splits = json.loads((DATA / "sciworld" / "splits.json").read_text())
-    splits["splits"]["train"] = [["lifespan-longest-lived", 2], ["lifespan-longest-lived", 61]]  # 3 and 7 actions
+    splits["splits"]["train"] = [["lifespan-longest-lived", 2], ["lifespan-shortest-lived", 40]]  # 3 actions each
     (tmp_path / "splits.json").write_text(json.dumps(splits))
     gold = tmp_path / "gold.jsonl"
     pipeline("import", "--source", "sciworld_gold", "--output", str(gold), "--splits", str(tmp_path / "splits.json"))
-    assert [r.id for r, _ in load_records(gold)] == ["sciworld/lifespan-longest-lived/2",
-                                                      "sciworld/lifespan-longest-lived/61"]
-    explore = ["--benchmark", "sciworld", "--exploration.mc_samples", "2", "--exploration.max_actions", "2",
-               "--exploration.step_stride", "2", "--max_new_tokens", "4", "--envs", "2", "--threads", "1",
-               "--progress", "false"]
-    train = []
-    for segmenter, options, levels in (("fixed_k", '{"group_size": 2}', '["trajectory", "step", "group"]'),
-                                       ("semantic_embedding", "{}", '["group"]')):
-        seg, roll, out = (tmp_path / f"{segmenter}.{x}.jsonl" for x in ("segmented", "rollouts", "pairs"))
-        pipeline("segment", "--input", str(gold), "--output", str(seg), "--segmenter", segmenter, "--options", options)
-        pipeline("explore", "--experts", str(seg), "--output", str(roll), "--exploration.levels", levels, *explore)
-        pipeline("pairs", "--experts", str(seg), "--rollouts", str(roll), "--output", str(out), "--levels", levels)
-        train.append(out)
-    counts = pair_levels(train[0])
-    assert all(counts.get(level, 0) >= 1 for level in ("trajectory", "step", "group")), counts
-    assert pair_levels(train[1]).get("group", 0) >= 1
-    fit(tmp_path, *train, max_length=2048)  # ScienceWorld's instruction and observations are long
+    assert sorted(r.id for r, _ in load_records(gold)) == ["sciworld/lifespan-longest-lived/2",
+                                                            "sciworld/lifespan-shortest-lived/40"]
+    fixed, semantic = tmp_path / "fixed_k.jsonl", tmp_path / "semantic.jsonl"
+    pipeline("segment", "--input", str(gold), "--output", str(fixed), "--segmenter", "fixed_k",
+             "--options", '{"group_size": 2}')
+    assert all(r.meta["groups"] == [[0, 1], [2, 2]] for r, _ in load_records(fixed))  # type: ignore[union-attr]
+    pipeline("segment", "--input", str(gold), "--output", str(semantic), "--segmenter", "semantic_embedding")
+    stats = pipeline("stats", "--input", str(gold), "--segmenters", '["fixed_k", "semantic_embedding"]')
+    assert stats["fixed_k"]["groups"] == 2 and stats["semantic_embedding"]["trajectories"] == 2
+    rollouts, train = tmp_path / "rollouts.jsonl", tmp_path / "pairs.jsonl"
+    summary = pipeline("explore", "--experts", str(semantic), "--output", str(rollouts), "--benchmark", "sciworld",
+                       "--exploration.mc_samples", "2", "--exploration.max_negatives", "2",
+                       "--exploration.max_actions", "2", "--exploration.step_stride", "2", "--max_new_tokens", "4",
+                       "--envs", "2", "--threads", "1", "--progress", "false")
+    assert summary["per_role"]["expert_mc"]["restore"] > 0  # every rollout replays its expert prefix
+    result = pipeline("pairs", "--experts", str(semantic), "--rollouts", str(rollouts), "--output", str(train))
+    assert all(result["pairs"].get(level, 0) >= 1 for level in ("trajectory", "step", "group")), result
+    fit(tmp_path, train, max_length=2048)  # ScienceWorld's instruction and observations are long
     done = subprocess.run(
         [sys.executable, "evaluate.py", "run", "--benchmark", "sciworld", "--split", "dev", "--limit", "2",
          "--policy", str(tmp_path / "ckpt" / "last.ckpt"), "--max_new_tokens", "4", "--workers", "2",
