@@ -76,7 +76,8 @@ def collate(
         "ids": [ex.id for ex, f in items if not f],
     }
     if pairs and all(ex.ref_logps is not None for ex, _ in pairs):
-        meta["ref_logps"] = torch.tensor([ex.ref_logps[0] for ex, _ in pairs] + [ex.ref_logps[1] for ex, _ in pairs])
+        chosen, rejected = [ex.ref_logps[0] for ex, _ in pairs], [ex.ref_logps[1] for ex, _ in pairs]
+        meta["ref_logps"] = torch.tensor(chosen + rejected, dtype=torch.float64)
     if packing:
         return {**pack(seqs, pad_id, pack_row_tokens).as_dict(), **meta}
     width = max(len(s.input_ids) for s in seqs)

@@ -13,12 +13,14 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import lightning as L
+from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.strategies import FSDPStrategy
 import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from transformers import get_scheduler
 
+from hpl_lightning import refcache
 from hpl_lightning.data import LEVEL_CODES
 from hpl_lightning.distributed import fully_shard_model
 from hpl_lightning.losses import LEVEL_KEYS, LossType, hierarchical_loss, masked_mean, preference_loss
@@ -59,6 +61,8 @@ class HPLModule(L.LightningModule):
     the behaviour-cloning term (IPR's choice); expert trajectories in the data always count (the paper's Eq. 1).
     ``packing``: batches arrive as shared-prefix tree rows (``data.packing``, linked by the CLI) and one forward
     scores every sequence of the batch; per-pair rows (the reference implementation) otherwise.
+    ``reference_cache``: a directory of reference log-probs computed once per (data, reference) before training (see
+    :mod:`hpl_lightning.refcache`); training then never loads the reference model.
     """
 
     def __init__(
@@ -78,6 +82,7 @@ class HPLModule(L.LightningModule):
         attn_implementation: str | None = None,
         init_seed: int = 0,
         packing: bool = False,
+        reference_cache: str | None = None,
     ):
         super().__init__()
         if quantization != "none" and lora is None:
@@ -110,7 +115,9 @@ class HPLModule(L.LightningModule):
             policy.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             policy.config.use_cache = False
         reference = None
-        if hp.reference is not None:
+        if hp.reference_cache is not None:
+            self._attach_reference_cache(policy)  # before LoRA: the bare policy is the reference when none is named
+        elif hp.reference is not None:
             reference = load_causal_lm(hp.reference, hp.dtype, hp.quantization, hp.init_seed, hp.attn_implementation)
         elif self.lora is None:
             reference = copy.deepcopy(policy)
@@ -125,6 +132,52 @@ class HPLModule(L.LightningModule):
                 if model is not None:
                     fully_shard_model(model, self.device_mesh["data_parallel"])
         self.policy, self.reference = policy, reference
+
+    def _attach_reference_cache(self, policy: torch.nn.Module) -> None:
+        """Gives the data module's examples their cached reference log-probs, computing any missing cache file
+        first with a reference loaded for that pass only (or the not-yet-trained policy when none is named)."""
+        hp = self.hparams
+        datamodule = getattr(self._trainer, "datamodule", None)
+        if not hasattr(datamodule, "examples"):
+            raise ValueError("model.reference_cache needs the HPLDataModule (set up before configure_model)")
+        settings = {k: hp[k] for k in ("dtype", "quantization", "init_seed", "attn_implementation")}
+        if hp.reference is not None:
+            reference_fp = refcache.spec_fingerprint(hp.reference, settings)
+        else:
+            reference_fp = "initial-policy-" + refcache.weights_fingerprint(policy)
+        reference = None
+        for split, examples in datamodule.examples.items():
+            path = refcache.cache_path(hp.reference_cache, refcache.data_fingerprint(examples), reference_fp)
+            if path.exists():
+                print(f"[hpl] {split}: reference log-probs read from {path}")
+                values = torch.load(path)
+            else:
+                print(f"[hpl] {split}: no reference log-probs for this data and reference yet; computing {path}")
+                if reference is None:
+                    reference = policy if hp.reference is None else load_causal_lm(
+                        hp.reference, hp.dtype, hp.quantization, hp.init_seed, hp.attn_implementation
+                    )
+                values = self._compute_reference_logps(reference, examples, datamodule)
+                refcache.save(path, values)
+            datamodule.examples[split] = refcache.attach(examples, values)
+
+    def _compute_reference_logps(self, model: torch.nn.Module, examples: list, datamodule) -> torch.Tensor:
+        """``[n, 2]`` float64 (chosen, rejected) reference log-probs of every pair (NaN for trajectories), in
+        batches collated as training collates them (packed when packing is on)."""
+        device = self._trainer.strategy.root_device
+        collate = datamodule.make_collate()
+        values = torch.full((len(examples), 2), float("nan"), dtype=torch.float64)
+        pairs = [i for i, ex in enumerate(examples) if ex.rejected is not None]
+        was_training, original_device = model.training, next(model.parameters()).device
+        model.eval().to(device)
+        with torch.no_grad():
+            for start in range(0, len(pairs), datamodule.hparams.batch_size):
+                index = pairs[start : start + datamodule.hparams.batch_size]
+                batch = move_data_to_device(collate([(examples[i], False) for i in index]), device)
+                logps = self.sequence_logps(model, batch, slice(0, 2 * len(index)), torch.float64)[0].cpu()
+                values[index] = torch.stack([logps[: len(index)], logps[len(index) :]], 1)
+        model.train(was_training).to(original_device)
+        return values
 
     @property
     def _sharded(self) -> bool:
@@ -174,12 +227,17 @@ class HPLModule(L.LightningModule):
         n = batch["n_pairs"]
         logps, n_tokens, _ = self.sequence_logps(self.policy, batch, sum_dtype=torch.float64)
         level_losses: dict[str, torch.Tensor] = {}
-        if not n and self._sharded:
+        if not n and self._sharded and hp.reference_cache is None:
             # Sharded models gather their weights collectively: every rank must run the same forwards, so a rank
             # whose batch has no pair still runs the reference (on one row, result unused).
             self.reference_logps(batch, slice(0, 1))
         if n:
-            ref = self.reference_logps(batch, slice(0, 2 * n))
+            if hp.reference_cache is None:
+                ref = self.reference_logps(batch, slice(0, 2 * n))
+            elif "ref_logps" in batch:
+                ref = batch["ref_logps"]
+            else:
+                raise ValueError("model.reference_cache is set but the batch has no ref_logps (cache not attached)")
             out = preference_loss(
                 logps[:n], logps[n : 2 * n], ref[:n], ref[n:], hp.beta, hp.loss_type, hp.label_smoothing,
                 n_tokens[:n], n_tokens[n : 2 * n],
