@@ -60,6 +60,8 @@ class BenchmarkSpec:
 BENCHMARKS: Mapping[str, BenchmarkSpec] = MappingProxyType({
     "intercode_sql": BenchmarkSpec("hpl_lightning.envs.intercode_sql:IntercodeSqlEnv", "hardness"),
     "sciworld": BenchmarkSpec("hpl_lightning.envs.sciworld:SciWorldEnv", "task_name"),
+    "alfworld": BenchmarkSpec("hpl_lightning.envs.alfworld:AlfWorldEnv", "task_type"),
+    "webshop": BenchmarkSpec("hpl_lightning.envs.webshop:WebShopEnv", "split"),  # no sub-types: one group
 })
 
 
