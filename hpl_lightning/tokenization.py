@@ -14,7 +14,7 @@ from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
 
-from hpl_lightning.schema import DataError, PreferencePair, Record, Trajectory
+from hpl_lightning.schema import DataError, Record, Trajectory
 
 OverlongPolicy = Literal["truncate", "drop", "error"]
 UnscorablePolicy = Literal["error", "drop"]

@@ -13,3 +13,12 @@ def mysql_url() -> str:
     if done.returncode != 0:
         pytest.fail(f"scripts/start_mysql.sh failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return done.stdout.strip().splitlines()[-1]
+
+
+@pytest.fixture(scope="module")
+def private_mysql():
+    """(url, env) of a server of the test module's own; see tests/private_mysql.py."""
+    from tests.private_mysql import private_server
+
+    with private_server() as server:
+        yield server

@@ -3,18 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import torch
@@ -22,6 +20,7 @@ import torch
 from hpl_lightning.envs.intercode_sql import DEFAULT_DATA_DIR
 from hpl_lightning.evaluation import EPISODES_FILE, EvaluationAborted, evaluate, read_episodes
 from hpl_lightning.policies import Conversation, LocalPolicy, OpenAIPolicy, Policy, truncate_at_stop
+from tests.private_mysql import server_script
 
 REPO = Path(__file__).resolve().parents[1]
 POKER_TEST_TASKS = [f"intercode_sql/{i}" for i in (0, 5, 24, 77, 108, 157)]  # test tasks on poker_player
@@ -233,41 +232,12 @@ def test_killed_evaluation_resumes_without_redoing(mysql_url: str, tmp_path: Pat
 
 
 # --- a server that goes down: a private one (own port and data dir), so other tests never see it stop -----------
-def poker_dump(path: Path) -> Path:
-    """The dump's account setup and the poker_player database only: a private server loads it in a blink."""
-    text = (DEFAULT_DATA_DIR / "ic_spider_dbs.sql").read_text()
-    parts = text.split("CREATE DATABASE ")
-    poker = next(p for p in parts[1:] if p.lstrip().startswith("IF NOT EXISTS `poker_player`"))
-    path.write_text(parts[0] + "CREATE DATABASE " + poker)
-    return path
-
-
-@pytest.fixture(scope="module")
-def poker_server() -> Iterator[tuple[str, dict[str, str]]]:
-    directory = tempfile.mkdtemp(prefix="hpl-mysql-eval-", dir="/tmp")  # chowned to the server's user by the script
-    dump = poker_dump(Path(tempfile.mkdtemp(prefix="hpl-dump-eval-", dir="/tmp")) / "poker.sql")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "HPL_MYSQL_DIR": directory, "HPL_MYSQL_PORT": str(port), "HPL_MYSQL_DUMP": str(dump)}
-    url = server_script("start_mysql.sh", env).strip().splitlines()[-1]
-    yield url, env
-    server_script("stop_mysql.sh", env, "--purge")
-    shutil.rmtree(directory, ignore_errors=True)
-    shutil.rmtree(dump.parent, ignore_errors=True)
-
-
-def server_script(name: str, env: dict[str, str], *args: str) -> str:
-    return subprocess.run([str(REPO / "scripts" / name), *args], env=env, check=True, capture_output=True,
-                          text=True).stdout
-
-
 @pytest.mark.mysql
 @pytest.mark.slow
 def test_server_restart_mid_evaluation_retries_the_lost_episodes(
-    poker_server: tuple[str, dict[str, str]], tmp_path: Path
+    private_mysql: tuple[str, dict[str, str]], tmp_path: Path
 ) -> None:
-    url, env = poker_server
+    url, env = private_mysql
 
     def restart() -> None:
         server_script("stop_mysql.sh", env)
@@ -286,9 +256,9 @@ def test_server_restart_mid_evaluation_retries_the_lost_episodes(
 @pytest.mark.mysql
 @pytest.mark.slow
 def test_server_down_fails_loudly_and_a_rerun_completes(
-    poker_server: tuple[str, dict[str, str]], tmp_path: Path
+    private_mysql: tuple[str, dict[str, str]], tmp_path: Path
 ) -> None:
-    url, env = poker_server
+    url, env = private_mysql
     # call 3 executes the gold queries of episodes 3 and 4 (two workers): the server stops just before
     policy = GoldSqlPolicy(on_call={3: lambda: server_script("stop_mysql.sh", env)})
     try:

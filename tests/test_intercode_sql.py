@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import random
-import shutil
-import socket
-import subprocess
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -29,6 +24,7 @@ from hpl_lightning.envs.intercode_sql import (
     kendall_tau_b,
     parse_react_action,
 )
+from tests.private_mysql import server_script
 
 REPO = Path(__file__).resolve().parents[1]
 RECORDINGS = DEFAULT_DATA_DIR / "gpt-3.5_react_10_turns.json"
@@ -257,46 +253,9 @@ def test_parallel_episodes_in_threads(mysql_url: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ server failures
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def poker_dump(path: Path) -> Path:
-    """The dump's account setup and the poker_player database only: a private server loads it in a blink."""
-    text = (DEFAULT_DATA_DIR / "ic_spider_dbs.sql").read_text()
-    parts = text.split("CREATE DATABASE ")
-    poker = next(p for p in parts[1:] if p.lstrip().startswith("IF NOT EXISTS `poker_player`"))
-    path.write_text(parts[0] + "CREATE DATABASE " + poker)
-    return path
-
-
-@pytest.fixture(scope="module")
-def private_server() -> Iterator[tuple[str, dict[str, str]]]:
-    """A server of its own (own data dir and port), so stopping it cannot disturb other tests."""
-    directory = tempfile.mkdtemp(prefix="hpl-mysql-test-", dir="/tmp")
-    dump = poker_dump(Path(tempfile.mkdtemp(prefix="hpl-dump-", dir="/tmp")) / "poker.sql")
-    env = {**os.environ, "HPL_MYSQL_DIR": directory, "HPL_MYSQL_PORT": str(free_port()), "HPL_MYSQL_DUMP": str(dump)}
-    url = subprocess.run([str(REPO / "scripts/start_mysql.sh")], env=env, check=True, capture_output=True,
-                         text=True).stdout.strip().splitlines()[-1]
-    yield url, env
-    subprocess.run([str(REPO / "scripts/stop_mysql.sh"), "--purge"], env=env, check=True, capture_output=True)
-    shutil.rmtree(directory, ignore_errors=True)
-    shutil.rmtree(dump.parent, ignore_errors=True)
-
-
-def start(server_env: dict[str, str]) -> None:
-    subprocess.run([str(REPO / "scripts/start_mysql.sh")], env=server_env, check=True, capture_output=True)
-
-
-def stop(server_env: dict[str, str]) -> None:
-    subprocess.run([str(REPO / "scripts/stop_mysql.sh")], env=server_env, check=True, capture_output=True)
-
-
 @pytest.mark.mysql
-def test_killed_connection_crashes_the_episode(private_server: tuple[str, dict[str, str]]) -> None:
-    url, _ = private_server
+def test_killed_connection_crashes_the_episode(private_mysql: tuple[str, dict[str, str]]) -> None:
+    url, _ = private_mysql
     with IntercodeSqlEnv(db_url=url) as env:
         task = env.task(POKER)
         env.reset(task)
@@ -310,29 +269,29 @@ def test_killed_connection_crashes_the_episode(private_server: tuple[str, dict[s
 
 
 @pytest.mark.mysql
-def test_server_down_and_restart(private_server: tuple[str, dict[str, str]]) -> None:
-    url, server_env = private_server
+def test_server_down_and_restart(private_mysql: tuple[str, dict[str, str]]) -> None:
+    url, server_env = private_mysql
     with IntercodeSqlEnv(db_url=url, connect_timeout_s=1.0) as env:
         task = env.task(POKER)
         env.reset(task)
         env.step("execute[DELETE FROM poker_player]")  # the episode has a copy, which the restart would keep
-        stop(server_env)
+        server_script("stop_mysql.sh", server_env)
         with pytest.raises(EnvironmentCrashed):
             env.step(f"execute[{task.meta['gold']}]")
         with pytest.raises(EnvironmentCrashed, match="start_mysql.sh"):
             env.reset(task)  # still down after connect_timeout_s
 
-        start(server_env)  # restarted mid-episode: the episode's session is gone, so it crashes
+        server_script("start_mysql.sh", server_env)  # restarted mid-episode: the episode's session is gone, so it crashes
         env.reset(task)
         env.step("execute[SELECT 1]")
-        stop(server_env)
-        start(server_env)
+        server_script("stop_mysql.sh", server_env)
+        server_script("start_mysql.sh", server_env)
         with pytest.raises(EnvironmentCrashed):
             env.step(f"execute[{task.meta['gold']}]")
 
     with IntercodeSqlEnv(db_url=url, connect_timeout_s=60.0) as env:  # reset waits for a server that is starting
-        stop(server_env)
-        starter = threading.Timer(1.0, start, args=(server_env,))
+        server_script("stop_mysql.sh", server_env)
+        starter = threading.Timer(1.0, server_script, args=("start_mysql.sh", server_env))
         starter.start()
         t0 = time.monotonic()
         env.reset(task)
