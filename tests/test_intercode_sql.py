@@ -186,6 +186,10 @@ def test_replay_multiturn_style_and_mutations(mysql_url: str, tmp_path: Path) ->
 @pytest.mark.mysql
 def test_episode_isolation(mysql_url: str) -> None:
     """Destructive episodes change only their own copy; the shared database, later and parallel episodes are intact."""
+    users_sql = "SELECT User FROM mysql.user WHERE User LIKE 'hplep%'"
+    # a SIGKILLed run elsewhere (e.g. the evaluation tests) may have left its users until the next server start
+    users_before = set(admin_rows(mysql_url, "mysql", users_sql))
+    schemas_before = set(admin_rows(mysql_url, "mysql", "SHOW DATABASES LIKE 'hplep%'"))
     with IntercodeSqlEnv(db_url=mysql_url, max_turns=100) as a, IntercodeSqlEnv(db_url=mysql_url, max_turns=100) as b:
         task = a.task(POKER)
         people = admin_rows(mysql_url, "poker_player", "SELECT * FROM people ORDER BY People_ID")
@@ -218,9 +222,9 @@ def test_episode_isolation(mysql_url: str) -> None:
         assert a.step("execute[SHOW TABLES]").observation == "[('people',), ('poker_player',)]"
         a.step(f"execute[{task.meta['gold']}]")
         assert a.step("submit").reward == 1
-    leftovers = admin_rows(mysql_url, "mysql", "SELECT User FROM mysql.user WHERE User LIKE 'hplep%'")
-    schemas = admin_rows(mysql_url, "mysql", "SHOW DATABASES LIKE 'hplep%'")
-    assert leftovers == [] and schemas == []
+    leftovers = set(admin_rows(mysql_url, "mysql", users_sql)) - users_before
+    schemas = set(admin_rows(mysql_url, "mysql", "SHOW DATABASES LIKE 'hplep%'")) - schemas_before
+    assert leftovers == set() and schemas == set()  # this test's episodes cleaned up their users and copies
 
 
 @pytest.mark.mysql
