@@ -10,7 +10,7 @@ policy rollouts were available). "Unique tokens" are the distinct token prefixes
 Last lines: ``tokens_per_unique`` (packed computed tokens, padding included, per unique token) and ``ratio``
 (per-pair over packed wall time).
 
-    python benchmarks/packing.py [--sciworld /tmp/sw/gold.jsonl] [--repeats 2]
+    python benchmarks/packing.py [--sciworld /tmp/sw/gold.jsonl] [--pairs data/quickstart-sciworld/train.jsonl]
 """
 
 from __future__ import annotations
@@ -89,10 +89,15 @@ def measure(module: HPLModule, batches: list[dict], repeats: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sciworld", type=Path, help="gold trajectories (JSONL) of ScienceWorld")
+    parser.add_argument("--pairs", type=Path, action="append", default=[],
+                        help="more real HPL data (JSONL in the data contract), e.g. data/quickstart-sciworld/train.jsonl")
+    parser.add_argument("--no-intercode", action="store_true", help="skip the bundled InterCode-SQL pairs")
     parser.add_argument("--max-length", type=int, default=8192)
     parser.add_argument("--repeats", type=int, default=2)
     args = parser.parse_args()
-    datasets = {"intercode_sql (real pairs)": read_records(QUICKSTART)}
+    datasets = {} if args.no_intercode else {"intercode_sql (real pairs)": read_records(QUICKSTART)}
+    for path in args.pairs:
+        datasets[f"{path} (real pairs)"] = read_records([path])
     if args.sciworld:
         datasets["sciworld (gold trunks, synthetic rejected)"] = sciworld_records(args.sciworld)
     with tempfile.TemporaryDirectory() as tmp:

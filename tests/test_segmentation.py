@@ -18,7 +18,6 @@ from hpl_lightning.segmentation import (
     EmbeddingSegmenter,
     InvalidCover,
     JaccardConfig,
-    LLMConfig,
     LLMRequestError,
     LLMSegmenter,
     UncertaintyConfig,
