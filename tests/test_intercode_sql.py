@@ -5,10 +5,12 @@ from __future__ import annotations
 import json
 import math
 import random
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pymysql
 import pytest
@@ -18,6 +20,7 @@ from hpl_lightning.envs.intercode_replay import replay
 from hpl_lightning.envs.intercode_sql import (
     DEFAULT_DATA_DIR,
     NO_CODE_OBSERVATION,
+    TIME_LIMIT_MESSAGE,
     DbUrl,
     IntercodeSqlEnv,
     intercode_reward,
@@ -305,3 +308,95 @@ def test_server_down_and_restart(private_mysql: tuple[str, dict[str, str]]) -> N
         assert env.step("submit").reward == 1
     assert admin_rows(url, "mysql", "SELECT User FROM mysql.user WHERE User LIKE 'hplep%'") == []
     assert admin_rows(url, "mysql", "SHOW DATABASES LIKE 'hplep%'") == []
+
+
+# ------------------------------------------------------------------------------------------------ a hostile agent
+def wait_for(condition: Callable[[], bool], seconds: float = 30.0) -> bool:
+    """Polls ``condition`` until it holds or ``seconds`` pass (a bound for a loaded machine, not a timing claim)."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.1)
+    return True
+
+
+def server_command(url: str, thread_id: int) -> str | None:
+    """What the server thread ``thread_id`` is doing ('Query', 'Sleep', ...), None once it is gone."""
+    rows = admin_rows(url, "information_schema", f"SELECT COMMAND FROM PROCESSLIST WHERE ID = {int(thread_id)}")
+    return rows[0][0] if rows else None
+
+
+MEMORY_PROBE = """
+import json, resource, sys
+resource.setrlimit(resource.RLIMIT_AS, (2 * 2**30, 2 * 2**30))  # the old client would take the machine's memory
+from hpl_lightning.envs.intercode_sql import IntercodeSqlEnv
+with IntercodeSqlEnv(db_url=sys.argv[1], statement_timeout_s=120) as env:
+    env.reset(env.task(0))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    cross = env.step("execute[SELECT * FROM " + ", ".join(f"people p{i}" for i in range(12)) + "]").observation
+    giant = env.step("execute[SELECT " + ", ".join(["REPEAT('x', 15000000)"] * 20) + "]").observation  # 300 MB row
+    after = env.step("execute[SELECT COUNT(*) FROM people]").observation
+    env.step("execute[SELECT * FROM people a, people b, people c, people d, people e, people f, people g]")
+    reward = env.step("submit").reward
+    grown = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024  # KiB -> MiB
+print(json.dumps({"cross": cross, "giant": giant, "after": after, "reward": reward, "grown_mib": grown}))
+"""
+
+
+@pytest.mark.mysql
+def test_huge_results_are_cut_and_memory_stays_bounded(mysql_url: str) -> None:
+    """A 12-way cross join (7^12 rows) and a 300 MB row: the client reads at most a few MiB of each (it used to
+    buffer the whole result, 3.3 GB in 30 s), the agent is told the result was cut, and a cut result scores 0."""
+    done = subprocess.run([sys.executable, "-c", MEMORY_PROBE, mysql_url], capture_output=True, text=True,
+                          cwd=REPO, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["cross"].startswith("[(1, 'Russia'") and out["cross"].endswith(
+        "\n[result cut: more than 4 MiB; the statement was stopped]")
+    assert out["giant"].startswith("[]\n[result cut: more than 36 MiB; the statement was stopped and the "
+                                   "session restarted")
+    assert out["after"] == "[(7,)]"  # the restarted session goes on
+    assert out["reward"] == 0
+    assert out["grown_mib"] < 200, out  # old client: MemoryError at the 2 GiB address-space limit
+    assert "Exception ignored" not in done.stderr
+
+
+@pytest.mark.mysql
+@pytest.mark.parametrize("lift", [["SET SESSION max_statement_time = 0", "SELECT SLEEP(60)"],
+                                  ["SET STATEMENT max_statement_time = 0 FOR SELECT SLEEP(60)"]],
+                         ids=["set-session", "set-statement"])
+def test_agent_cannot_lift_the_time_limit_and_close_leaves_no_thread(mysql_url: str, lift: list[str]) -> None:
+    """The agent may change its session's max_statement_time; the statement is killed on the server anyway."""
+    with IntercodeSqlEnv(db_url=mysql_url, statement_timeout_s=2) as env:
+        env.reset(env.task(POKER))
+        thread = env.execute("SELECT CONNECTION_ID()").rows[0][0]  # type: ignore[index]
+        for sql in lift[:-1]:
+            assert env.step(f"execute[{sql}]").observation == "None"
+        timed_out = env.step(f"execute[{lift[-1]}]")
+        assert timed_out.observation == "Error executing query: " + TIME_LIMIT_MESSAGE
+        assert wait_for(lambda: server_command(mysql_url, thread) != "Query")  # killed, not just abandoned
+        assert env.step("execute[SELECT COUNT(*) FROM people]").observation == "[(7,)]"  # the episode goes on
+    assert wait_for(lambda: server_command(mysql_url, thread) is None)
+
+
+@pytest.mark.mysql
+def test_one_episodes_locks_never_block_another(mysql_url: str) -> None:
+    """Episode a holds row locks on the shared tables in an open transaction; episode b still gets its copy, and
+    episode c's own locking read of those rows waits at most the statement limit."""
+    envs = [IntercodeSqlEnv(db_url=mysql_url, statement_timeout_s=2) for _ in range(3)]
+    a, b, c = envs
+    try:
+        task = a.task(POKER)
+        for env in envs:
+            env.reset(task)
+        assert a.step("execute[START TRANSACTION]").observation == "None"
+        assert a.step("execute[SELECT * FROM people FOR UPDATE]").observation.startswith("[(1, 'Russia'")
+        assert b.step("execute[DELETE FROM poker_player]").observation == "None"  # copies the locked people
+        assert b.mutated and b.step("execute[SELECT COUNT(*) FROM people]").observation == "[(7,)]"
+        assert c.step("execute[SELECT * FROM people FOR UPDATE]").observation.startswith("Error executing query")
+        a.reset(task)  # a's episode ends: its transaction and locks go with its session
+        assert c.step("execute[SELECT COUNT(*) FROM people FOR UPDATE]").observation == "[(7,)]"
+    finally:
+        for env in envs:
+            env.close()

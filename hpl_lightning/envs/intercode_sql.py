@@ -21,6 +21,21 @@ SQL: a statement can never reach another database (``USE other_db`` is refused) 
 query runs once per task on the pristine database, so an agent cannot raise its reward by deleting rows (in InterCode
 an agent that emptied a table and returned nothing scored 1).
 
+Limits. The agent's account cannot loosen them, whatever it sets for its session (MariaDB 10.11 lets any user
+``SET SESSION max_statement_time = 0`` or ``SET STATEMENT max_statement_time = 0 FOR ...``, and a per-user
+``MAX_STATEMENT_TIME`` resource limit is only that session variable's default, verified): a watchdog on the admin
+connection sends ``KILL QUERY`` when a statement outlives ``statement_timeout_s``, and the agent sees the server's own
+time-limit message. Results are streamed (an unbuffered cursor), never buffered whole: a result is cut after
+``MAX_RESULT_ROWS`` rows or ``MAX_RESULT_BYTES`` on the wire (its statement killed on the server) and the observation
+says so. A single row that would take the process past that and what may be in flight (``SELECT REPEAT('x',
+15000000), ...`` makes 300 MB rows) is not read whole: the session is killed and reopened (temporary tables, variables and an open
+transaction are lost; the observation says so). A cut result scores 0: InterCode's reward for a result with more than
+``MAX_RESULT_ROWS`` rows is below ``len(gold) / MAX_RESULT_ROWS`` (IoU), i.e. below 0.005 for every gold result under
+500 rows, which its 2-decimal rounding makes 0 (Spider dev's largest gold result has 1860 rows). An episode's locks
+never block another: copies read the shared database with non-locking consistent reads (READ COMMITTED), gold queries
+are plain reads, and an agent's own locking read on a row another agent locked waits at most the statement limit. The
+episode's server threads are killed (``KILL USER``) when it ends, so ``close()`` leaves none running.
+
 Failures. A lost connection or a server that is down or restarting (client errors 2xxx, server shutdown, killed
 connection) raises ``EnvironmentCrashed``: the episode's state is gone, so its reward is unknown and never guessed.
 ``reset`` waits up to ``connect_timeout_s`` for a server that is (re)starting, since no episode state exists yet.
@@ -37,6 +52,7 @@ import json
 import math
 import re
 import secrets
+import threading
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -45,6 +61,8 @@ from typing import Any, Literal, Sequence
 from urllib.parse import parse_qs, unquote, urlparse
 
 import pymysql
+import pymysql.connections
+import pymysql.cursors
 import pymysql.err
 
 from hpl_lightning.envs.base import Environment, EnvironmentCrashed, StepResult, Task
@@ -58,6 +76,15 @@ DEFAULT_DB_URL = "mysql://admin:admin@127.0.0.1:3307"
 # 1001 without it, so the remaining difference (MySQL 8 rejects a few such queries that MariaDB now runs) is smaller.
 SQL_MODE = "STRICT_TRANS_TABLES,NO_ZERO_IN_DATE,NO_ZERO_DATE,ERROR_FOR_DIVISION_BY_ZERO,NO_ENGINE_SUBSTITUTION"
 OBSERVATION_CHARS = 350
+# Bounds on one statement's result in this process (see "Limits" above); Spider dev's largest gold result is 1860 rows.
+MAX_RESULT_ROWS = 100_000
+MAX_RESULT_BYTES = 4 * 2**20
+# What the server may still send after a cut (socket buffers) before its KILL QUERY lands; reading past
+# MAX_RESULT_BYTES + this (one huge row, or a drain that does not end) abandons the session instead.
+_IN_FLIGHT_BYTES = 32 * 2**20
+# The server's own message for a statement over max_statement_time; a watchdog kill reads the same to the agent.
+TIME_LIMIT_MESSAGE = "Query execution was interrupted (max_statement_time exceeded)"
+_QUERY_INTERRUPTED, _STATEMENT_TIMEOUT = 1317, 1969
 NO_CODE_OBSERVATION = "Error executing query: Your last `execute` action did not contain sql code"
 # Client-side connection errors (2xxx) and server errors that mean the session is gone, not that the SQL was wrong.
 _CONNECTION_LOST_SERVER_ERRORS = {1053, 1152, 1184, 1927, 4031}  # shutdown, aborted, killed, idle-disconnected
@@ -190,14 +217,19 @@ def _up_to_semicolon(sql: str) -> str:
 
 @dataclass(frozen=True)
 class QueryResult:
-    """What one statement produced: result rows, no result set (``rows`` None), or the server's error message."""
+    """What one statement produced: result rows, no result set (``rows`` None), or the server's error message.
+
+    ``cut`` says why ``rows`` is only the start of a larger result (see ``MAX_RESULT_ROWS``); such a result scores 0."""
 
     rows: Rows | None = None
     error: str | None = None
+    cut: str | None = None
 
     @property
     def answer(self) -> Rows | None | str:
-        """The value InterCode scores: rows, None, or the error observation (a string, which scores 0)."""
+        """The value InterCode scores: rows, None, or a string (an error or a cut result), which scores 0."""
+        if self.cut is not None:
+            return f"result cut: {self.cut}"
         return self.observation_value if self.error is not None else self.rows
 
     @property
@@ -206,7 +238,8 @@ class QueryResult:
 
     def observation(self, limit: int | None = OBSERVATION_CHARS) -> str:
         text = str(self.observation_value)
-        return text if limit is None else text[:limit]
+        text = text if limit is None else text[:limit]
+        return text if self.cut is None else f"{text}\n[result cut: {self.cut}]"
 
 
 # ---------------------------------------------------------------------------------------------------------- server
@@ -263,6 +296,33 @@ def _quote(name: str) -> str:
     return "`" + name.replace("`", "``") + "`"
 
 
+class _ResultTooLarge(Exception):
+    """The server sent more of one statement's result than ``_MeteredConnection.hard_limit`` allows."""
+
+
+class _MeteredConnection(pymysql.connections.Connection):
+    """A connection that counts the bytes it receives (``received``, reset per statement by its user) and refuses to
+    read past ``hard_limit``. pymysql reads a row whole, and one row can be hundreds of MB, so the bound has to act
+    below rows; after ``_ResultTooLarge`` the connection is mid-packet and must be abandoned (``_abandon``)."""
+
+    received: int = 0
+    hard_limit: int | None = None
+
+    def _read_bytes(self, num_bytes: int) -> bytes:
+        if self.hard_limit is not None and self.received + num_bytes > self.hard_limit:
+            raise _ResultTooLarge(f"more than {self.hard_limit} bytes")
+        self.received += num_bytes
+        return super()._read_bytes(num_bytes)
+
+
+def _abandon(connection: pymysql.connections.Connection) -> None:
+    """Closes a connection left mid-result, so that pymysql does not try to read the rest of it when collected."""
+    result = getattr(connection, "_result", None)
+    if result is not None:
+        result.unbuffered_active = False
+    _close_quietly(connection)
+
+
 @dataclass
 class _Episode:
     """The per-episode server resources and state; ``scratch`` is set once the episode got its own copy."""
@@ -270,8 +330,9 @@ class _Episode:
     task: Task
     gold: Rows
     user: str
+    password: str
     host: str
-    connection: pymysql.connections.Connection
+    connection: _MeteredConnection
     scratch: str | None = None
     mutated: bool = False  # a write succeeded in the scratch copy
     turns: int = 0
@@ -365,7 +426,7 @@ class IntercodeSqlEnv(Environment):
                 "and GRANT OPTION (scripts/start_mysql.sh grants them to admin)"
             ) from e
         self._leftovers.pop()
-        self._episode = _Episode(task=task, gold=gold, user=user, host=host, connection=connection)
+        self._episode = _Episode(task=task, gold=gold, user=user, password=password, host=host, connection=connection)
         return ""
 
     def step(self, action: str) -> StepResult:
@@ -430,11 +491,9 @@ class IntercodeSqlEnv(Environment):
             sql = self._redirect_use(ep, sql)
         for _ in range(2):
             try:
-                with ep.connection.cursor() as cur:
-                    cur.execute(sql)
-                    rows = list(cur.fetchall()) if cur.description is not None else None
+                result = self._run_bounded(ep, sql)
                 ep.mutated = ep.mutated or (ep.scratch is not None and self._may_write(sql))
-                return QueryResult(rows=rows)
+                return result
             except pymysql.err.MySQLError as e:
                 if _is_connection_error(e):
                     raise self._crash("running the agent's query", e) from e
@@ -444,6 +503,83 @@ class IntercodeSqlEnv(Environment):
                     continue
                 return QueryResult(error=str(e.args[1]) if len(e.args) > 1 else str(e))
         raise AssertionError("unreachable: the retry in the scratch copy returns")
+
+    def _run_bounded(self, ep: _Episode, sql: str) -> QueryResult:
+        """Runs one statement of the agent's within the time limit (a watchdog sends ``KILL QUERY`` from the admin
+        connection, whatever the agent set for its session) and streams its rows, cut at the result bounds."""
+        connection, thread_id = ep.connection, ep.connection.thread_id()
+        timed_out = threading.Event()
+
+        def kill() -> None:
+            timed_out.set()
+            try:
+                self._kill(f"KILL QUERY {thread_id}")
+            except (pymysql.err.MySQLError, OSError):
+                pass  # the admin connection is gone too: the episode's next call finds out
+
+        watchdog = threading.Timer(self.statement_timeout_s, kill)
+        watchdog.daemon = True
+
+        def stop_watchdog() -> None:  # before anything else uses the admin connection
+            watchdog.cancel()
+            watchdog.join()
+
+        rows: Rows = []
+        cut = None
+        connection.received, connection.hard_limit = 0, MAX_RESULT_BYTES + _IN_FLIGHT_BYTES
+        watchdog.start()
+        cur = connection.cursor(pymysql.cursors.SSCursor)
+        try:
+            cur.execute(sql)
+            if cur.description is None:
+                return QueryResult()
+            for row in iter(cur.fetchone, None):
+                if len(rows) == MAX_RESULT_ROWS or connection.received > MAX_RESULT_BYTES:
+                    cut = (f"more than {MAX_RESULT_ROWS} rows" if len(rows) == MAX_RESULT_ROWS
+                           else f"more than {MAX_RESULT_BYTES // 2**20} MiB") + "; the statement was stopped"
+                    stop_watchdog()
+                    self._kill(f"KILL QUERY {thread_id}")  # the server stops sending the rest
+                    break
+                rows.append(row)
+            try:
+                cur.close()  # reads what is still in flight
+            except pymysql.err.MySQLError as e:
+                if cut is None or _error_code(e) not in (_QUERY_INTERRUPTED, _STATEMENT_TIMEOUT):
+                    raise
+            return QueryResult(rows=rows, cut=cut)
+        except _ResultTooLarge:
+            stop_watchdog()
+            cur.connection = None  # nothing more is read from this connection
+            self._reopen_session(ep)
+            limit_mib = (MAX_RESULT_BYTES + _IN_FLIGHT_BYTES) // 2**20
+            return QueryResult(rows=rows, cut=f"more than {limit_mib} MiB; the statement was stopped and the session "
+                               "restarted (temporary tables, variables and an open transaction are gone)")
+        except pymysql.err.MySQLError as e:
+            stop_watchdog()
+            if timed_out.is_set() and _error_code(e) == _QUERY_INTERRUPTED:
+                raise pymysql.err.OperationalError(_STATEMENT_TIMEOUT, TIME_LIMIT_MESSAGE) from e
+            raise
+        finally:
+            stop_watchdog()
+            connection.hard_limit = None
+
+    def _kill(self, statement: str) -> None:
+        """``KILL ...`` on the admin connection; a thread or query that is already gone is not an error."""
+        if self._admin is None:
+            return
+        try:
+            with self._admin.cursor() as cur:
+                cur.execute(statement)
+        except pymysql.err.MySQLError as e:
+            if _error_code(e) != 1094:  # unknown thread id
+                raise
+
+    def _reopen_session(self, ep: _Episode) -> None:
+        """Replaces the episode's connection (abandoned mid-result) by a fresh one in the same database."""
+        thread_id = ep.connection.thread_id()
+        _abandon(ep.connection)
+        self._kill(f"KILL CONNECTION {thread_id}")
+        ep.connection = self._connect(ep.user, ep.password, ep.scratch or ep.task.meta["db"])
 
     @staticmethod
     def _may_write(sql: str) -> bool:
@@ -468,6 +604,9 @@ class IntercodeSqlEnv(Environment):
         self._leftovers.append((ep.user, ep.host, scratch))
         try:
             with admin.cursor() as cur:
+                # Consistent non-locking reads of the shared tables: an agent's `SELECT ... FOR UPDATE` in an open
+                # transaction (another episode) would block INSERT ... SELECT under REPEATABLE READ.
+                cur.execute("SET SESSION TRANSACTION ISOLATION LEVEL READ COMMITTED")
                 cur.execute(
                     "SELECT DEFAULT_CHARACTER_SET_NAME, DEFAULT_COLLATION_NAME FROM information_schema.SCHEMATA "
                     "WHERE SCHEMA_NAME = %s",
@@ -523,8 +662,8 @@ class IntercodeSqlEnv(Environment):
                     self._gold[key] = []
         return self._gold[key]
 
-    def _connect(self, user: str, password: str, database: str | None) -> pymysql.connections.Connection:
-        connection = pymysql.connect(
+    def _connect(self, user: str, password: str, database: str | None) -> _MeteredConnection:
+        connection = _MeteredConnection(
             host=self.url.host,
             port=self.url.port,
             unix_socket=self.url.unix_socket,
@@ -582,18 +721,20 @@ class IntercodeSqlEnv(Environment):
         ep, self._episode = self._episode, None
         if ep is None:
             return
-        _close_quietly(ep.connection)
+        _abandon(ep.connection)
         self._leftovers.append((ep.user, ep.host, ep.scratch))
         if self._admin is not None:
             self._drop_leftovers()
 
     def _drop_leftovers(self) -> None:
-        """Drops episode users and copies; kept for later when the server is unreachable."""
+        """Ends episode users' server threads (a statement may still run there) and drops the users and copies; kept
+        for later when the server is unreachable."""
         assert self._admin is not None
         remaining = []
         for user, host, scratch in self._leftovers:
             try:
                 with self._admin.cursor() as cur:
+                    cur.execute(f"KILL USER {_quote(user)}@{_quote(host)}")
                     if scratch is not None:
                         cur.execute(f"DROP DATABASE IF EXISTS {_quote(scratch)}")
                     cur.execute(f"DROP USER IF EXISTS {_quote(user)}@{_quote(host)}")
@@ -605,7 +746,7 @@ class IntercodeSqlEnv(Environment):
         """Ends the episode (its server state is lost or unusable) and describes why."""
         ep, self._episode = self._episode, None
         if ep is not None:
-            _close_quietly(ep.connection)
+            _abandon(ep.connection)
             self._leftovers.append((ep.user, ep.host, ep.scratch))
         if self._admin is not None:
             _close_quietly(self._admin)
