@@ -15,6 +15,9 @@ by replaying the expert prefix (InterCode-SQL: reset and re-execute; ScienceWorl
 
 Crash safety: each finished rollout is appended (flushed) to the output JSONL under a stable key; on a re-run the
 plans are replayed against the file, so a finished rollout is never run twice and an unfinished one is run again.
+A rollout whose environment crashes on every attempt (or raises anything, e.g. ``MemoryError``) is written with its
+``error`` and reward null; pairs leave it out, the exploration goes on, and a re-run runs it again. Several failures
+in a row mean the backend is down: ``ExplorationAborted``.
 """
 
 from __future__ import annotations
@@ -58,7 +61,8 @@ class ExploreConfig:
     max_steps_per_task: int | None = None  # ...and at most this many of them
     max_groups_per_task: int | None = None
     max_actions: int | None = None  # agent actions per rollout before it is cut (None: the environment's budget)
-    retries: int = 2  # an episode whose environment crashed is restarted this often, then the run stops
+    retries: int = 2  # an episode whose environment crashed is restarted this often, then recorded as failed
+    max_failures_in_a_row: int = 3  # this many failed rollouts without a finished one between: the backend is down
 
 
 @dataclass(frozen=True)
@@ -148,7 +152,7 @@ def step_plan(expert: Trajectory, task: Task, t: int, config: ExploreConfig) -> 
     expert_mc = [_job(expert, "step", t, "expert_mc", k, task, actions[: t + 1], _after(expert.messages, at, t),
                       True, config.max_actions) for k in range(m)]
     proposal = (yield first + expert_mc)[0]
-    if m > 1 and proposal.messages:
+    if m > 1 and proposal.error is None and proposal.messages:
         replay = actions[:t] + [proposal.actions[0] or ""]
         yield [_job(expert, "step", t, "proposal_mc", k, task, replay, prefix + proposal.messages[:2], True,
                     config.max_actions) for k in range(1, m)]
@@ -262,7 +266,7 @@ class Explorer:
     def __init__(self, pool: EnvPool, policies: dict[bool, Policy], path: Path, config: ExploreConfig,
                  progress: bool = True):
         self.pool, self.policies, self.path, self.config = pool, policies, path, config
-        self.done = read_rollouts(path)
+        self.done = {k: r for k, r in read_rollouts(path).items() if r.error is None}  # failed ones run again
         self.resumed = len(self.done)
         self.timer = Timer()
         self.progress = progress
@@ -296,10 +300,14 @@ class Explorer:
                         queue.append((j, 0))
                 return
 
-        def finish(run: _Running, reward: float, done: bool) -> None:
+        failures_in_a_row = 0
+
+        def finish(run: _Running, reward: float | None, done: bool, error: str | None = None) -> None:
+            nonlocal failures_in_a_row
             job = run.job
             rollout = Rollout(job.key, job.task_id, job.level, job.index, job.role, job.sample, run.new, run.actions,
-                              reward, done, job.parent)
+                              reward, done, job.parent, error)
+            failures_in_a_row = failures_in_a_row + 1 if error is not None else 0
             append_jsonl(self.path, [asdict(rollout)])
             self.done[job.key] = rollout
             self.timer.rollouts[job.role] += 1
@@ -312,10 +320,14 @@ class Explorer:
                 advance(pid, plan, [found[j.key] for j in jobs])
 
         def crashed(run: _Running, error: EnvironmentCrashed) -> None:
-            if run.attempts > self.config.retries:
-                raise ExplorationAborted(f"{run.job.key}: environment crashed {run.attempts} time(s): {error}. "
-                                         f"Finished rollouts are in {self.path}; run again to resume.")
-            queue.appendleft((run.job, run.attempts))
+            if run.attempts <= self.config.retries:
+                queue.appendleft((run.job, run.attempts))
+                return
+            finish(run, None, False, f"environment crashed {run.attempts} time(s), last: {error}")
+            if failures_in_a_row >= self.config.max_failures_in_a_row:
+                raise ExplorationAborted(f"{failures_in_a_row} rollouts in a row failed, the environment backend "
+                                         f"looks down; last: {run.job.key}: {error}. Finished rollouts are in "
+                                         f"{self.path}; run again to resume (failed ones are run again).")
 
         plans_iter = iter(all_plans)
         try:

@@ -39,7 +39,9 @@ class Rollout:
       expert state at the group's start), ``negative_mc`` (completions after the accepted try ``parent``),
       ``expert_mc`` (completions after the expert group).
     ``messages`` are the turns this rollout generated (assistant actions with the observations they got);
-    ``reward`` is the outcome reward where it stopped (episode end or the action cap).
+    ``reward`` is the outcome reward where it stopped (episode end or the action cap). ``error`` says why a rollout
+    failed (its environment crashed on every attempt, or raised): then ``reward`` is None and the rollout takes part
+    in no pair and no MC value.
     """
 
     key: str
@@ -50,9 +52,10 @@ class Rollout:
     sample: int
     messages: list[Message]
     actions: list[str | None]
-    reward: float
+    reward: float | None
     done: bool
     parent: int | None = None
+    error: str | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -97,7 +100,7 @@ def accepted_tries(
     out: list[Rollout] = []
     for t in sorted(tries, key=lambda r: r.sample):
         sig = rollout_signature(t)
-        if len(t.actions) == group_length and sig not in seen and len(out) < max_negatives:
+        if t.error is None and len(t.actions) == group_length and sig not in seen and len(out) < max_negatives:
             seen.add(sig)
             out.append(t)
     return out
@@ -269,7 +272,8 @@ def build_pairs(
     levels: Sequence[str] = ("trajectory", "step", "group"),
     max_negatives: int = 3,
 ) -> tuple[list[PreferencePair], PairReport]:
-    """All pairs of the asked levels and the report of what each filter dropped."""
+    """All pairs of the asked levels and the report of what each filter dropped (failed rollouts are left out)."""
+    rollouts = [r for r in rollouts if r.error is None]
     report = PairReport()
     pairs: list[PreferencePair] = []
     if "trajectory" in levels:

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import torch
 
-from hpl_lightning.envs.intercode_sql import DEFAULT_DATA_DIR
+from hpl_lightning.envs.intercode_sql import DEFAULT_DATA_DIR, IntercodeSqlEnv
 from hpl_lightning.evaluation import EPISODES_FILE, EvaluationAborted, evaluate, read_episodes
 from hpl_lightning.policies import Conversation, LocalPolicy, OpenAIPolicy, Policy, truncate_at_stop
 from tests.private_mysql import server_script
@@ -201,6 +201,32 @@ def test_sql_tiny_policy_writes_results_and_resumes_with_a_larger_limit(mysql_ur
     assert second["n"] == 7 and second["run"]["episodes"] == 3
     assert json.loads((tmp_path / "summary.json").read_text())["n"] == 7
     assert set(second["groups"]) <= {"easy", "medium", "hard", "extra"}
+
+
+@pytest.mark.mysql
+def test_an_episode_that_raises_is_recorded_as_failed_and_the_evaluation_goes_on(
+    mysql_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One task's gold query raises MemoryError in the environment (as a result too large for memory would): that
+    episode is recorded with the reason after its retry, the others are scored."""
+    doomed = IntercodeSqlEnv().task(5).meta["gold"]
+    run_bounded = IntercodeSqlEnv._run_bounded
+
+    def exhausting(self: IntercodeSqlEnv, ep: Any, sql: str) -> Any:
+        if sql == doomed:
+            raise MemoryError("result too large")
+        return run_bounded(self, ep, sql)
+
+    monkeypatch.setattr(IntercodeSqlEnv, "_run_bounded", exhausting)
+    summary = evaluate(GoldSqlPolicy(), "intercode_sql", "test", tmp_path, workers=2, task_ids=POKER_TEST_TASKS,
+                       env_kwargs={"db_url": mysql_url}, progress=False)
+    records = {r.id: r for r in read_episodes(tmp_path / EPISODES_FILE)}
+    assert sorted(records) == sorted(POKER_TEST_TASKS)
+    failed = records.pop("intercode_sql/5")
+    assert failed.attempts == 2 and failed.error is not None
+    assert "attempt 2: MemoryError at " in failed.error and failed.error.endswith(": result too large")
+    assert all(r.error is None and r.reward == 1.0 for r in records.values())
+    assert summary["failed"] == 1 and summary["n"] == 5
 
 
 @pytest.mark.mysql

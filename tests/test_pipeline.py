@@ -16,8 +16,12 @@ from typing import Any
 
 import pytest
 
+from hpl_lightning.envs.base import Environment, StepResult, Task
+from hpl_lightning.envs.pool import EnvPool
+from hpl_lightning.explore import ExploreConfig, Explorer, count_plans, plans, read_rollouts
 from hpl_lightning.pipeline import main
 from hpl_lightning.pairs import PairFilters, Rollout, accepted_tries, build_pairs, rollout_key
+from hpl_lightning.policies import Conversation, Policy
 from hpl_lightning.schema import Trajectory, load_records
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,6 +107,61 @@ def test_group_pairs_use_mc_values_and_paper_filters() -> None:
     assert [m["role"] for m in pair.rejected] == ["assistant", "user", "assistant"]
     assert dict(report.dropped["group"]) == {"margin": 1, "min_chosen": 1}
     assert "group" in report.summary() and "1 margin" in report.summary()
+
+
+class RaisingEnv(Environment):
+    """Steps of the hand-made expert (a0..a3, a3 ends with reward 1); the action ``boom`` raises ``MemoryError``, as
+    an agent's action that exhausts the process would."""
+
+    benchmark, max_turns, instruction = "x", 10, "instruction"
+
+    def tasks(self, split: str) -> list[Task]:
+        return [Task("x/1", "task")]
+
+    def reset(self, task: Task) -> str:
+        return ""
+
+    def step(self, action: str) -> StepResult:
+        if action == "boom":
+            raise MemoryError("the agent's action took all memory")
+        return StepResult("o", float(action == "a3"), action == "a3")
+
+
+class BoomFirstPolicy(Policy):
+    """Answers ``boom`` right after the task statement and ``a3`` anywhere else."""
+
+    def generate(self, conversations: list[Conversation]) -> list[str]:
+        return ["Action: boom" if c[-1]["content"] == "task" else "Action: a3" for c in conversations]
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": "boom-first"}
+
+
+def test_a_rollout_that_raises_is_recorded_as_failed_and_exploration_goes_on(tmp_path: Path) -> None:
+    """The trajectory rollout and the step-0 proposal raise MemoryError on every attempt: both are written with the
+    reason and reward null, the other rollouts finish, pairs skip the failed ones, and a re-run tries them again."""
+    expert, path = _expert(), tmp_path / "rollouts.jsonl"
+    config = ExploreConfig(levels=("trajectory", "step"), mc_samples=1, retries=1)
+
+    def explore() -> dict[str, Rollout]:
+        with EnvPool(RaisingEnv, 1) as pool:
+            explorer = Explorer(pool, {False: BoomFirstPolicy(), True: BoomFirstPolicy()}, path, config, False)
+            explorer.run(plans([expert], lambda t: Task("x/1", "task"), config), count_plans([expert], config))
+        return read_rollouts(path)
+
+    rollouts = explore()
+    failed = {k: r for k, r in rollouts.items() if r.error is not None}
+    assert set(failed) == {"x/1|trajectory|0|agent|0", "x/1|step|0|proposal|0"}
+    for r in failed.values():
+        assert r.reward is None and r.error.startswith("environment crashed 2 time(s), last: MemoryError at ")
+        assert r.error.endswith(": the agent's action took all memory")
+    finished = [r for r in rollouts.values() if r.error is None]
+    assert len(finished) == 7 and all(r.reward == 1.0 for r in finished)  # expert_mc x4, proposals at t=1..3
+    pairs, report = build_pairs([expert], list(rollouts.values()))
+    assert report.candidates["trajectory"] == 0 and report.candidates["step"] == 4
+    lines = len(path.read_text().splitlines())
+    explore()
+    assert len(path.read_text().splitlines()) == lines + 2  # only the failed ones ran again
 
 
 # ------------------------------------------------------------------------------------------------ helpers

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import atexit
 import queue
+import traceback
 from concurrent.futures import Future, ThreadPoolExecutor, as_completed, wait
 from typing import Callable, Generic, Iterable, Iterator, Mapping, TypeVar
 
@@ -18,6 +19,15 @@ from hpl_lightning.envs.base import Environment, EnvironmentCrashed
 E = TypeVar("E", bound=Environment)
 T = TypeVar("T")
 R = TypeVar("R")
+
+
+def _as_crash(error: Exception) -> EnvironmentCrashed:
+    """An unexpected exception of an environment call as the episode's failure: type, message and raising line."""
+    frames = traceback.extract_tb(error.__traceback__)
+    where = f" at {frames[-1].filename}:{frames[-1].lineno}" if frames else ""
+    crash = EnvironmentCrashed(f"{type(error).__name__}{where}: {error}")
+    crash.__cause__ = error
+    return crash
 
 
 class EnvPool(Generic[E]):
@@ -75,7 +85,11 @@ class EnvPool(Generic[E]):
                 future.cancel()
 
     def each(self, calls: Mapping[int, Callable[[E], R]]) -> dict[int, R | EnvironmentCrashed]:
-        """Runs ``calls[slot](self.envs[slot])`` for every given slot concurrently; returns results by slot."""
+        """Runs ``calls[slot](self.envs[slot])`` for every given slot concurrently; returns results by slot.
+
+        Any exception of one call (``MemoryError``, a bug an agent's action hits) ends only that slot's episode: it
+        comes back as an ``EnvironmentCrashed`` naming the exception and where it was raised, so the episode loops
+        record it as that episode's failure and go on."""
         futures = {slot: self._executor.submit(fn, self.envs[slot]) for slot, fn in calls.items()}
         out: dict[int, R | EnvironmentCrashed] = {}
         for slot, future in futures.items():
@@ -83,6 +97,8 @@ class EnvPool(Generic[E]):
                 out[slot] = future.result()
             except EnvironmentCrashed as e:
                 out[slot] = e
+            except Exception as e:
+                out[slot] = _as_crash(e)
         return out
 
     def close(self) -> None:
