@@ -23,18 +23,20 @@ an agent that emptied a table and returned nothing scored 1).
 
 Limits. The agent's account cannot loosen them, whatever it sets for its session (MariaDB 10.11 lets any user
 ``SET SESSION max_statement_time = 0`` or ``SET STATEMENT max_statement_time = 0 FOR ...``, and a per-user
-``MAX_STATEMENT_TIME`` resource limit is only that session variable's default, verified): a watchdog on the admin
-connection sends ``KILL QUERY`` when a statement outlives ``statement_timeout_s``, and the agent sees the server's own
-time-limit message. Results are streamed (an unbuffered cursor), never buffered whole: a result is cut after
-``MAX_RESULT_ROWS`` rows or ``MAX_RESULT_BYTES`` on the wire (its statement killed on the server) and the observation
-says so. A single row that would take the process past that and what may be in flight (``SELECT REPEAT('x',
-15000000), ...`` makes 300 MB rows) is not read whole: the session is killed and reopened (temporary tables, variables and an open
-transaction are lost; the observation says so). A cut result scores 0: InterCode's reward for a result with more than
-``MAX_RESULT_ROWS`` rows is below ``len(gold) / MAX_RESULT_ROWS`` (IoU), i.e. below 0.005 for every gold result under
-500 rows, which its 2-decimal rounding makes 0 (Spider dev's largest gold result has 1860 rows). An episode's locks
-never block another: copies read the shared database with non-locking consistent reads (READ COMMITTED), gold queries
-are plain reads, and an agent's own locking read on a row another agent locked waits at most the statement limit. The
-episode's server threads are killed (``KILL USER``) when it ends, so ``close()`` leaves none running.
+``MAX_STATEMENT_TIME`` resource limit is only that variable's default, checked): a watchdog on the admin connection
+sends ``KILL QUERY`` when a statement outlives ``statement_timeout_s``; the agent sees the server's own time-limit
+message. Results are streamed (an unbuffered cursor), never buffered whole: a result is cut after ``MAX_RESULT_ROWS``
+rows or ``MAX_RESULT_BYTES`` on the wire, its statement killed on the server, and the observation says so. A row too
+large to read (``SELECT REPEAT('x', 15000000), ...`` makes rows of hundreds of MB) is not read whole: the session is
+killed and reopened (temporary tables, variables and an open transaction are lost; the observation says so). A cut
+result scores 0. InterCode's reward for it would be below ``len(gold) / MAX_RESULT_ROWS`` (IoU) when cut for rows:
+below 0.005 for every gold result under 500 rows, 0 after InterCode's rounding (Spider dev's largest gold result has
+1860 rows); a cut for bytes needs a result 150 times the largest gold result's text (28 KB).
+
+Locks. One episode's locks never block another: copies read the shared tables with non-locking consistent reads
+(READ COMMITTED), gold queries are plain reads, and an agent's own locking read of a row another agent locked waits
+at most the statement limit. The episode's server threads are killed (``KILL USER``) when it ends, so ``close()``
+leaves none running.
 
 Failures. A lost connection or a server that is down or restarting (client errors 2xxx, server shutdown, killed
 connection) raises ``EnvironmentCrashed``: the episode's state is gone, so its reward is unknown and never guessed.
@@ -532,6 +534,7 @@ class IntercodeSqlEnv(Environment):
         try:
             cur.execute(sql)
             if cur.description is None:
+                cur.close()
                 return QueryResult()
             for row in iter(cur.fetchone, None):
                 if len(rows) == MAX_RESULT_ROWS or connection.received > MAX_RESULT_BYTES:
