@@ -36,7 +36,9 @@ class HPLCLI(LightningCLI):
                     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                     "init_args": {"save_dir": "runs", "name": "hpl"},
                 },
-                # The data module shards batches itself and serves one curriculum phase per epoch.
+                # The data module shards batches itself and serves one curriculum phase per epoch; the default
+                # schedule (data.schedule.unit one_pass, the paper's one epoch) has one epoch per phase.
+                "trainer.max_epochs": 3,
                 "trainer.use_distributed_sampler": False,
                 "trainer.reload_dataloaders_every_n_epochs": 1,
             }

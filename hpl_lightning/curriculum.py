@@ -3,13 +3,17 @@
 Group pairs fall into a 3x3 grid of buckets B[l, d]: ``l`` is the group-length level (sub-task complexity) and
 ``d`` the difficulty level (reward gap; a large gap is an easy sample). Phase 1 trains on B11, phase 2 adds B12 and
 B21, phase 3 adds the rest; trajectory, step and behaviour-cloning items are in every phase.
+
+The paper's HPL stage is one pass over the data (1 epoch): :func:`one_pass_members` splits the trajectory, step and
+behaviour-cloning items across the phases and brings each group pair in at the phase it enters, so every item is
+seen once. Replaying each phase's whole pool (:func:`phase_members`) is the multi-epoch alternative.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Collection, Literal, Sequence
 
 import torch
 
@@ -22,6 +26,13 @@ LENGTH_THRESHOLDS: dict[str, tuple[int, int]] = {
     "intercode_sql": (2, 4),
     "sciworld": (3, 6),
 }
+FROM_BENCHMARK = "benchmark"
+
+
+def benchmark_of(task_id: str, meta: dict | None = None) -> str:
+    """A record's benchmark: ``meta.benchmark`` when given, else the first part of its task id (``sciworld/boil/3``,
+    ``intercode_sql``, ``alfworld/...``)."""
+    return str((meta or {}).get("benchmark") or task_id.split("/", 1)[0])
 
 
 @dataclass(frozen=True)
@@ -29,14 +40,44 @@ class Curriculum:
     """How group pairs are staged; ``mode`` covers the paper's ablations (``static`` = one phase with all data)."""
 
     mode: Mode = "dual"
-    length_thresholds: tuple[int, int] = (2, 4)
+    # upper bounds of length levels 1 and 2; "benchmark": the paper's for the data's benchmark (LENGTH_THRESHOLDS)
+    length_thresholds: tuple[int, int] | Literal["benchmark"] = FROM_BENCHMARK
     difficulty_thresholds: tuple[float, float] = (0.7, 0.4)
 
     @property
     def n_phases(self) -> int:
         return 1 if self.mode == "static" else 3
 
+    @property
+    def uses_length(self) -> bool:
+        return self.mode in ("dual", "length")
+
+    def for_benchmarks(self, benchmarks: Collection[str]) -> tuple["Curriculum", str]:
+        """This curriculum with its length thresholds resolved, and a line saying where they came from.
+
+        ``benchmarks``: the benchmarks of the group pairs. Explicit thresholds are kept; ``"benchmark"`` takes the
+        paper's thresholds of the one benchmark of the data and is an error for mixed or unknown benchmarks.
+        """
+        if self.length_thresholds != FROM_BENCHMARK:
+            return self, f"length thresholds {list(self.length_thresholds)} (set explicitly)"
+        names = sorted(set(benchmarks))
+        known = len(names) == 1 and names[0] in LENGTH_THRESHOLDS
+        if not known and (not self.uses_length or not names):
+            why = "no group pairs" if not names else f"curriculum mode {self.mode} ignores group length"
+            return self, f"length thresholds unused ({why})"
+        if not known:
+            what = f"mixed benchmarks {names}" if len(names) > 1 else f"unknown benchmark {names[0]!r}"
+            raise ValueError(
+                f"data.curriculum.length_thresholds: the group pairs are from {what}; the paper's thresholds are "
+                f"known for {sorted(LENGTH_THRESHOLDS)} only: set data.curriculum.length_thresholds=[LOW, HIGH]"
+            )
+        thresholds = LENGTH_THRESHOLDS[names[0]]
+        resolved = Curriculum(self.mode, thresholds, self.difficulty_thresholds)
+        return resolved, f"length thresholds {list(thresholds)} (the paper's for {names[0]}, from the data)"
+
     def length_level(self, group_length: int) -> int:
+        if self.length_thresholds == FROM_BENCHMARK:
+            raise ValueError("length thresholds not resolved: call Curriculum.for_benchmarks with the data's")
         low, high = self.length_thresholds
         return 1 if group_length <= low else 2 if group_length <= high else 3
 
@@ -48,20 +89,41 @@ class Curriculum:
         """The phase (1-based) from which an item is trained on; every later phase keeps it."""
         if level != "group" or self.mode == "static":
             return 1
+        if self.mode == "difficulty":
+            return self.difficulty_level(difficulty)
         l, d = self.length_level(group_length), self.difficulty_level(difficulty)
         if self.mode == "length":
             return l
-        if self.mode == "difficulty":
-            return d
         return 1 if (l, d) == (1, 1) else 2 if (l, d) in ((1, 2), (2, 1)) else 3
 
     def bucket(self, group_length: int, difficulty: float) -> str:
-        return f"B{self.length_level(group_length)}{self.difficulty_level(difficulty)}"
+        """``B<length level><difficulty level>`` (``B?<d>`` when the length thresholds are unused and unresolved)."""
+        l = "?" if self.length_thresholds == FROM_BENCHMARK else self.length_level(group_length)
+        return f"B{l}{self.difficulty_level(difficulty)}"
 
 
 def phase_members(first_phases: Sequence[int], phase: int) -> list[int]:
     """Indices of the items in ``phase``: each phase is a superset of the previous one."""
     return [i for i, first in enumerate(first_phases) if first <= phase]
+
+
+def one_pass_members(
+    first_phases: Sequence[int], levels: Sequence[str], phase: int, n_phases: int, seed: int
+) -> list[int]:
+    """The items of ``phase`` when the whole stage is one pass over the data (the paper: 1 epoch).
+
+    Group pairs are used once, in the phase they enter (``first_phases``). The items that are in every phase
+    (trajectory and step pairs, behaviour-cloning trajectories) are dealt once across the phases: per level, a
+    seeded permutation cut into ``n_phases`` near-equal consecutive parts. Every item is in exactly one phase.
+    """
+    part: set[int] = set()
+    for k, level in enumerate(sorted(set(levels) - {"group"})):
+        items = [i for i, lv in enumerate(levels) if lv == level]
+        g = torch.Generator().manual_seed(seed * 1_000_003 + 7919 * (k + 1))
+        shuffled = [items[j] for j in torch.randperm(len(items), generator=g).tolist()]
+        bounds = [round(b * len(items) / n_phases) for b in range(n_phases + 1)]
+        part.update(shuffled[bounds[phase - 1] : bounds[phase]])
+    return [i for i, lv in enumerate(levels) if i in part or (lv == "group" and first_phases[i] == phase)]
 
 
 @dataclass(frozen=True)

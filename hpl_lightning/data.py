@@ -1,9 +1,11 @@
 """The LightningDataModule: validated, tokenized records served in curriculum order, resumable mid-epoch.
 
-Each Lightning epoch trains on one curriculum phase (a phase may span several epochs, or a fixed number of steps);
-validation at the end of an epoch is the paper's evaluation at the end of a phase. The train loader is stateful: its
-position is saved in every checkpoint and restored on ``--ckpt_path last``, so a preempted run continues at the next
-unseen batch.
+Each Lightning epoch trains on one curriculum phase; by default the whole stage is one pass over the data (the
+paper), the phases dividing it (:class:`PhaseSchedule`). Validation at the end of an epoch is the paper's evaluation at
+the end of a phase. The train loader is stateful: its position is saved in every checkpoint and restored on
+``--ckpt_path last``, so a preempted run continues at the next unseen batch. Every batch carries the number of pairs
+of each level (and behaviour-cloning tokens) in its whole optimizer step, all micro-batches and ranks included, so
+the model averages each level over the step without a collective (:func:`step_counts`).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from hpl_lightning.curriculum import Curriculum, Slot, epoch_batches, phase_members
+from hpl_lightning.curriculum import Curriculum, Slot, benchmark_of, epoch_batches, one_pass_members, phase_members
 from hpl_lightning.models import load_tokenizer
 from hpl_lightning.packing import pack
 from hpl_lightning.schema import LEVELS, load_records
@@ -25,22 +27,69 @@ from hpl_lightning.tokenization import ChatTokenizer, Example, OverlongPolicy, T
 
 log = logging.getLogger(__name__)
 LEVEL_CODES: dict[str, int] = {level: i for i, level in enumerate(LEVELS)}
+# What every train batch counts over its whole optimizer step: pairs per level, expert trajectories, and the agent
+# tokens of expert trajectories and of pairs' chosen sides (the behaviour-cloning token mean's denominators).
+STEP_COUNTS: tuple[str, ...] = (*LEVELS, "bc", "bc_tokens", "chosen_tokens")
 
 
 @dataclass(frozen=True)
 class PhaseSchedule:
-    """How long each curriculum phase lasts: ``length`` epochs per phase (each one pass over the phase's data), or
-    with ``unit='steps'`` one epoch of exactly ``length`` batches per phase. Epochs after the last phase repeat it."""
+    """How the curriculum phases divide training; each phase is one Lightning epoch (``epochs``: ``length`` epochs).
 
-    unit: Literal["epochs", "steps"] = "epochs"
+    ``one_pass`` (default, the paper's 1-epoch HPL stage): one pass over the data. The trajectory, step and
+    behaviour-cloning items are split evenly across the phases; each group pair is used once, in the phase it enters.
+    Every item is seen once; ``length`` must be 1 and ``trainer.max_epochs`` at most the number of phases.
+    ``epochs``: multi-epoch training; each phase is ``length`` epochs, each a full pass over the phase's pool (the
+    items of every phase so far, so earlier items are seen again). ``steps``: each phase is one epoch of exactly
+    ``length`` batches drawn from the phase's pool (reshuffled passes). With ``epochs``/``steps``, epochs after the
+    last phase repeat it.
+    """
+
+    unit: Literal["one_pass", "epochs", "steps"] = "one_pass"
     length: int = 1
 
+    def __post_init__(self) -> None:
+        if self.length < 1 or (self.unit == "one_pass" and self.length != 1):
+            raise ValueError(f"data.schedule.length={self.length}: must be >= 1, and 1 with unit one_pass")
+
     def phase(self, epoch: int, n_phases: int) -> int:
+        if self.unit == "one_pass" and epoch >= n_phases:
+            raise ValueError(
+                f"epoch {epoch}: the one-pass schedule has {n_phases} epochs (one per curriculum phase); set "
+                f"trainer.max_epochs <= {n_phases}, or data.schedule.unit=epochs to train several epochs"
+            )
         per_phase = self.length if self.unit == "epochs" else 1
         return min(epoch // per_phase + 1, n_phases)
 
+    def n_epochs(self, n_phases: int) -> int:
+        """Epochs of a run through every phase once."""
+        return n_phases * (self.length if self.unit == "epochs" else 1)
+
     def n_batches(self) -> int | None:
         return self.length if self.unit == "steps" else None
+
+
+def step_counts(per_rank: Sequence[list[list[Slot]]], examples: Sequence[Example], accumulate: int) -> list[torch.Tensor]:
+    """For each batch index of an epoch, :data:`STEP_COUNTS` over its whole optimizer step: the ``accumulate``
+    micro-batches of its window (the last window of an epoch may be shorter, as Lightning steps there) on every rank.
+
+    ``per_rank``: every rank's batches of the epoch (equal counts). Fillers count for nothing (weight 0).
+    """
+    index = {name: i for i, name in enumerate(STEP_COUNTS)}
+    n_batches = len(per_rank[0])
+    windows = []
+    for start in range(0, n_batches, accumulate):
+        counts = torch.zeros(len(STEP_COUNTS), dtype=torch.float64)
+        for batches in per_rank:
+            for batch in batches[start : start + accumulate]:
+                for slot in batch:
+                    if slot.filler:
+                        continue
+                    ex = examples[slot.index]
+                    counts[index[ex.level]] += 1
+                    counts[index["bc_tokens" if ex.level == "bc" else "chosen_tokens"]] += ex.chosen.n_scored
+        windows.append(counts)
+    return [windows[b // accumulate] for b in range(n_batches)]
 
 
 class ExampleDataset(Dataset):
@@ -108,12 +157,17 @@ class ResumableLoader(DataLoader):
     """A DataLoader over a fixed list of batches that reports how many it has handed out.
 
     Lightning saves ``state_dict()`` in each checkpoint and calls ``load_state_dict`` before iterating on resume;
-    the skipped batches are never loaded nor collated.
+    the skipped batches are never loaded nor collated. Batch ``b`` gets ``counts[b]`` as ``step_counts`` and
+    ``step_end`` (whether it closes its optimizer step, every ``accumulate`` batches and at the epoch's end).
     """
 
-    def __init__(self, dataset: Dataset, batches: list[list[Slot]], epoch: int, phase: int, **kwargs: Any):
+    def __init__(
+        self, dataset: Dataset, batches: list[list[Slot]], epoch: int, phase: int, counts: list[torch.Tensor],
+        accumulate: int, **kwargs: Any,
+    ):
         super().__init__(dataset, batch_sampler=batches, **kwargs)
         self.epoch, self.phase, self._yielded, self._skip = epoch, phase, 0, 0
+        self.counts, self.accumulate = counts, accumulate
 
     def __iter__(self) -> Iterator[Any]:
         skip, self._skip = self._skip, 0
@@ -128,9 +182,13 @@ class ResumableLoader(DataLoader):
             num_workers=self.num_workers,
             persistent_workers=False,
         )
+        n = len(self.batch_sampler)
         for batch in loader:
+            b = self._yielded
             self._yielded += 1
             batch["phase"] = self.phase
+            batch["step_counts"] = self.counts[b]
+            batch["step_end"] = (b + 1) % self.accumulate == 0 or b + 1 == n
             yield batch
 
     def state_dict(self) -> dict[str, int]:
@@ -176,6 +234,7 @@ class HPLDataModule(L.LightningDataModule):
         self.curriculum, self.schedule = curriculum, schedule
         self.examples: dict[str, list[Example]] = {}
         self.first_phases: list[int] = []
+        self._thresholds_note = ""
         self._pad_id = 0
 
     # -- loading -------------------------------------------------------------------------------------------------
@@ -192,6 +251,8 @@ class HPLDataModule(L.LightningDataModule):
         chat = ChatTokenizer(tokenizer, self.hparams.max_length, self.hparams.overlong, self.hparams.unscorable)
         # Validate every file before tokenizing any: a typo in the val file should not wait for train tokenization.
         loaded = {s: [(p, load_records(p)) for p in self.paths[s]] for s in wanted}
+        if "fit" in loaded:
+            self._resolve_curriculum([r for _, records in loaded["fit"] for r, _ in records])
         for split, files in loaded.items():
             report = TokenizationReport()
             examples = []
@@ -209,36 +270,94 @@ class HPLDataModule(L.LightningDataModule):
             self.first_phases = [
                 self.curriculum.first_phase(ex.level, ex.group_length, ex.difficulty) for ex in self.examples["fit"]
             ]
-            print(f"[hpl] {self.describe_plan()}")
+            self._check_epochs()
+            print("\n".join(f"[hpl] {line}" for line in self.describe_plan()))
+
+    def _resolve_curriculum(self, records: list) -> None:
+        """Length thresholds from the benchmark of the group pairs when not given (the paper's per benchmark)."""
+        benchmarks = {benchmark_of(r.task_id, r.meta) for r in records if getattr(r, "level", None) == "group"}
+        self.curriculum, self._thresholds_note = self.curriculum.for_benchmarks(benchmarks)
+
+    def _check_epochs(self) -> None:
+        trainer = self.trainer
+        if trainer is None or self.schedule.unit != "one_pass":
+            return
+        n = self.curriculum.n_phases
+        if trainer.max_epochs is None or not 0 < trainer.max_epochs <= n:
+            raise ValueError(
+                f"trainer.max_epochs={trainer.max_epochs}: the one-pass schedule (data.schedule.unit=one_pass, the "
+                f"paper's single epoch) has {n} epoch(s), one per curriculum phase; set trainer.max_epochs={n}, or "
+                "data.schedule.unit=epochs for multi-epoch training"
+            )
 
     # -- curriculum plan -----------------------------------------------------------------------------------------
     def phase(self, epoch: int) -> int:
         return self.schedule.phase(epoch, self.curriculum.n_phases)
 
+    def _members(self, epoch: int) -> list[int]:
+        phase = self.phase(epoch)
+        if self.schedule.unit == "one_pass":
+            levels = [ex.level for ex in self.examples["fit"]]
+            return one_pass_members(self.first_phases, levels, phase, self.curriculum.n_phases, self.hparams.seed)
+        return phase_members(self.first_phases, phase)
+
     def _batches(self, epoch: int, rank: int, world_size: int) -> list[list[Slot]]:
-        members = phase_members(self.first_phases, self.phase(epoch))
         return epoch_batches(
-            members, self.hparams.batch_size, self.hparams.seed, epoch, rank, world_size, self.schedule.n_batches()
+            self._members(epoch), self.hparams.batch_size, self.hparams.seed, epoch, rank, world_size,
+            self.schedule.n_batches(),
         )
 
     def batches_per_epoch(self, epoch: int) -> int:
         return len(self._batches(epoch, 0, self._world_size()))
 
-    def bucket_counts(self) -> dict[str, int]:
-        counts: Counter = Counter()
-        for ex in self.examples["fit"]:
-            if ex.level == "group":
-                counts[self.curriculum.bucket(ex.group_length, ex.difficulty)] += 1
-            else:
-                counts[ex.level] += 1
-        return dict(sorted(counts.items()))
+    def _n_epochs(self) -> int:
+        planned = self.schedule.n_epochs(self.curriculum.n_phases)
+        max_epochs = self.trainer.max_epochs if self.trainer is not None else None
+        return max_epochs if max_epochs is not None and max_epochs > 0 else planned
 
-    def describe_plan(self) -> str:
-        phases = ", ".join(
-            f"phase {p}: {len(phase_members(self.first_phases, p))} items"
-            for p in range(1, self.curriculum.n_phases + 1)
-        )
-        return f"curriculum {self.curriculum.mode}; buckets {self.bucket_counts()}; {phases}"
+    def _accumulate(self) -> int:
+        return self.trainer.accumulate_grad_batches if self.trainer is not None else 1
+
+    def _kind(self, ex: Example) -> str:
+        return self.curriculum.bucket(ex.group_length, ex.difficulty) if ex.level == "group" else ex.level
+
+    def bucket_counts(self) -> dict[str, int]:
+        return dict(sorted(Counter(self._kind(ex) for ex in self.examples["fit"]).items()))
+
+    def describe_plan(self) -> list[str]:
+        """The run's plan: thresholds, buckets, each epoch's items, batches and optimizer steps, and how many times
+        each kind of item is seen over the run (printed at start)."""
+        examples, world, accumulate = self.examples["fit"], self._world_size(), self._accumulate()
+        lines = [
+            f"curriculum {self.curriculum.mode}, {self._thresholds_note}, difficulty thresholds "
+            f"{list(self.curriculum.difficulty_thresholds)}; items {self.bucket_counts()}",
+            f"schedule {self.schedule.unit}" + (f" x{self.schedule.length}" if self.schedule.unit != "one_pass" else "")
+            + f"; batch {self.hparams.batch_size} x {world} rank(s) x accumulate {accumulate}",
+        ]
+        seen: Counter = Counter()
+        total_steps = 0
+        for epoch in range(self._n_epochs()):
+            per_rank = [self._batches(epoch, r, world) for r in range(world)]
+            used = [s.index for batches in per_rank for b in batches for s in b if not s.filler]
+            seen.update(used)
+            steps = -(-len(per_rank[0]) // accumulate)
+            total_steps += steps
+            kinds = Counter(examples[i].level for i in used)
+            lines.append(
+                f"epoch {epoch} (phase {self.phase(epoch)}): {len(used)} items {dict(sorted(kinds.items()))}, "
+                f"{len(per_rank[0])} batches per rank, {steps} optimizer steps"
+            )
+        times: dict[str, set[int]] = {}
+        for i, ex in enumerate(examples):
+            times.setdefault(self._kind(ex), set()).add(seen[i])
+        summary = ", ".join(f"{k} {'/'.join(map(str, sorted(v)))}" for k, v in sorted(times.items()))
+        lines.append(f"{total_steps} optimizer steps; times each item is seen: {summary}")
+        if not any(ex.level == "bc" for ex in examples):
+            lines.append(
+                "no expert trajectories in the training data: L_BC (the paper's Eq. 1) is 0 unless model.bc_on_chosen "
+                "(write them with `pipeline pairs --with_experts true`)"
+            )
+        return lines
 
     # -- loaders -------------------------------------------------------------------------------------------------
     def _world_size(self) -> int:
@@ -250,11 +369,15 @@ class HPLDataModule(L.LightningDataModule):
     def train_dataloader(self) -> ResumableLoader:
         self._check_sampler_setting()
         epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        world = self._world_size()
+        per_rank = [self._batches(epoch, r, world) for r in range(world)]
         return ResumableLoader(
             ExampleDataset(self.examples["fit"]),
-            self._batches(epoch, self._rank(), self._world_size()),
+            per_rank[self._rank()],
             epoch=epoch,
             phase=self.phase(epoch),
+            counts=step_counts(per_rank, self.examples["fit"], self._accumulate()),
+            accumulate=self._accumulate(),
             collate_fn=self.make_collate(),
             num_workers=self.hparams.num_workers,
         )
@@ -290,14 +413,16 @@ class HPLDataModule(L.LightningDataModule):
             )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.hparams.seed, "curriculum": self.curriculum.mode}
+        return {"seed": self.hparams.seed, "curriculum": self.curriculum.mode, "schedule": self.schedule.unit}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state.get("seed") != self.hparams.seed or state.get("curriculum") != self.curriculum.mode:
+        saved = (state.get("seed"), state.get("curriculum"), state.get("schedule", "epochs"))
+        if saved != (self.hparams.seed, self.curriculum.mode, self.schedule.unit):
             raise ValueError(
-                f"resuming with data.seed={self.hparams.seed}, curriculum={self.curriculum.mode} but the checkpoint "
-                f"was trained with seed={state.get('seed')}, curriculum={state.get('curriculum')}: the batch order "
-                "would differ and the run would redo or skip data"
+                f"resuming with data.seed={self.hparams.seed}, curriculum={self.curriculum.mode}, "
+                f"schedule={self.schedule.unit} but the checkpoint was trained with seed={saved[0]}, "
+                f"curriculum={saved[1]}, schedule={saved[2]}: the batch order would differ and the run would redo or "
+                "skip data"
             )
 
 

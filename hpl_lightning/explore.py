@@ -377,7 +377,9 @@ class Explorer:
             if not slots:
                 continue
             t = time.perf_counter()
-            texts = self.policies[sampled].generate([active[s].messages for s in slots])
+            # keyed by rollout and turn: a served policy seeds each request from it (distinct, reproducible samples)
+            keys = [f"{active[s].job.key}/turn{len(active[s].actions)}" for s in slots]
+            texts = self.policies[sampled].generate([active[s].messages for s in slots], keys)
             self.timer.add("generate", [active[s].job.role for s in slots], time.perf_counter() - t)
             for s, text in zip(slots, texts):
                 run = active[s]

@@ -68,25 +68,17 @@ def preference_loss(
     return PreferenceOutput(losses, beta * chosen_logratios.detach(), beta * rejected_logratios.detach())
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean of ``values`` where ``mask``; an empty selection is an exact 0 that still carries the graph (no NaN)."""
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp_min(1)
+def objective_share(
+    sums: dict[str, torch.Tensor], denominators: dict[str, torch.Tensor | float], weights: dict[str, float]
+) -> torch.Tensor:
+    """One micro-batch's share of ``L = w_bc L_BC + w_traj L_traj + w_step L_step + w_group L_group``.
 
-
-def hierarchical_loss(level_losses: dict[str, torch.Tensor], bc_loss: torch.Tensor | None, weights: dict[str, float]):
-    """``L = w_bc L_BC + w_traj L_traj + w_step L_step + w_group L_group``; levels missing from the batch add nothing.
-
-    ``level_losses`` maps a level key (``traj``, ``step``, ``group``) to the mean loss over that level's pairs in the
-    batch; ``weights`` maps ``bc`` and the level keys to their weights.
+    Each ``L_k`` is a mean over a whole optimizer step (all micro-batches of the accumulation, all ranks): ``sums[k]``
+    is this micro-batch's sum of term ``k`` (pair losses of a level; summed NLL of behaviour-cloning tokens) and
+    ``denominators[k]`` the step's number of such terms (pairs; tokens). Summed over the step's micro-batches and
+    ranks the shares are ``L`` exactly, whatever the batch size, accumulation or device count; a level absent from
+    the step adds nothing. With one micro-batch as the step, each ``L_k`` is the batch mean.
     """
-    total = None
-    terms = dict(level_losses)
-    if bc_loss is not None:
-        terms["bc"] = bc_loss
-    for key, value in terms.items():
-        weighted = weights.get(key, 1.0) * value
-        total = weighted if total is None else total + weighted
-    if total is None:
+    if not sums:
         raise ValueError("a batch with neither preference pairs nor behaviour-cloning sequences")
-    return total
+    return sum(weights.get(key, 1.0) * value / denominators[key] for key, value in sums.items())

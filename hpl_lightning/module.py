@@ -21,14 +21,15 @@ from torchmetrics import MeanMetric
 from transformers import get_scheduler
 
 from hpl_lightning import refcache
-from hpl_lightning.data import LEVEL_CODES
+from hpl_lightning.data import LEVEL_CODES, STEP_COUNTS
 from hpl_lightning.distributed import fully_shard_model
-from hpl_lightning.losses import LEVEL_KEYS, LossType, hierarchical_loss, masked_mean, preference_loss
+from hpl_lightning.losses import LEVEL_KEYS, LossType, objective_share, preference_loss
 from hpl_lightning.models import LoraSettings, Quantization, apply_lora, load_causal_lm
 from hpl_lightning.packing import packed_sequence_logps, tree_attention_mask, tree_block_mask
 
 log = logging.getLogger(__name__)
 PAIR_STATS = ("loss", "rewards_chosen", "rewards_rejected", "margin", "accuracy")
+TRAIN_ROWS = (*LEVEL_KEYS.values(), "bc")
 
 
 @dataclass(frozen=True)
@@ -57,8 +58,9 @@ class HPLModule(L.LightningModule):
 
     ``policy``/``reference``: a Hugging Face name, a local checkpoint, or ``hpl-tiny`` (the bundled tiny config).
     With ``reference=None`` the reference is the policy's starting point: the LoRA base with adapters disabled (no
-    second copy), or a frozen copy for full fine-tuning. ``bc_on_chosen`` adds the chosen continuations of pairs to
-    the behaviour-cloning term (IPR's choice); expert trajectories in the data always count (the paper's Eq. 1).
+    second copy), or a frozen copy for full fine-tuning. ``L_BC`` is the NLL of the expert trajectories in the data
+    (the paper's Eq. 1), averaged over their agent tokens in the optimizer step; ``bc_on_chosen`` (off by default)
+    adds the chosen continuations of the pairs to it (IPR's choice).
     ``packing``: batches arrive as shared-prefix tree rows (``data.packing``, linked by the CLI) and one forward
     scores every sequence of the batch; per-pair rows (the reference implementation) otherwise.
     ``reference_cache``: a directory of reference log-probs computed once per (data, reference) before training (see
@@ -73,7 +75,7 @@ class HPLModule(L.LightningModule):
         loss_type: LossType = "sigmoid",
         label_smoothing: float = 0.0,
         weights: LossWeights = LossWeights(),
-        bc_on_chosen: bool = True,
+        bc_on_chosen: bool = False,
         optim: Optimization = Optimization(),
         lora: LoraSettings | None = None,
         quantization: Quantization = "none",
@@ -95,10 +97,11 @@ class HPLModule(L.LightningModule):
         self.register_state_dict_post_hook(_drop_frozen_state)
         self.policy: torch.nn.Module | None = None
         self.reference: torch.nn.Module | None = None
+        self._step_sums: torch.Tensor | None = None  # the current optimizer step's train statistics (for logging)
         self.metrics = torch.nn.ModuleDict(
             {
                 _metric_key(stage, level, stat): MeanMetric()
-                for stage in ("train", "val", "test")
+                for stage in ("val", "test")
                 for level in (*LEVEL_KEYS.values(), "bc")
                 for stat in (PAIR_STATS if level != "bc" else ("loss",))
             }
@@ -218,15 +221,26 @@ class HPLModule(L.LightningModule):
 
     # -- steps ---------------------------------------------------------------------------------------------------
     def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
+        """This batch's share of the objective (:func:`~hpl_lightning.losses.objective_share`).
+
+        Training: each level is a mean over its pairs in the whole optimizer step and ``L_BC`` a mean over the step's
+        behaviour-cloning tokens, from the step's counts the data module puts in every batch (``step_counts``); the
+        share is scaled by accumulation and world size, which Lightning and DDP divide by. Validation/test: means
+        over the batch, logged as means over the whole split.
+        """
         hp = self.hparams
         if ("tree_end" in batch) != hp.packing:
             raise ValueError(
                 f"model.packing={hp.packing} but the batch is {'packed' if 'tree_end' in batch else 'per-pair'}: "
                 "set data.packing to the same value"
             )
+        train = stage == "train"
+        if train and "step_counts" not in batch:
+            raise ValueError("training batches need step_counts (the HPLDataModule's train loader provides them)")
         n = batch["n_pairs"]
         logps, n_tokens, _ = self.sequence_logps(self.policy, batch, sum_dtype=torch.float64)
-        level_losses: dict[str, torch.Tensor] = {}
+        sums: dict[str, torch.Tensor] = {}
+        denominators: dict[str, torch.Tensor | float] = {}
         if not n and self._sharded and hp.reference_cache is None:
             # Sharded models gather their weights collectively: every rank must run the same forwards, so a rank
             # whose batch has no pair still runs the reference (on one row, result unused).
@@ -246,23 +260,61 @@ class HPLModule(L.LightningModule):
                 mask = (batch["pair_level"] == LEVEL_CODES[level]) & (batch["pair_weight"] > 0)
                 if not mask.any():
                     continue  # a level absent from the batch contributes nothing
-                level_losses[key] = masked_mean(out.losses, mask)
+                sums[key] = out.losses[mask].sum()
+                denominators[key] = mask.sum()
                 self._track(stage, key, out, mask)
         pair_weight = batch["pair_weight"]
         bc_rows = torch.cat([pair_weight * hp.bc_on_chosen, torch.zeros_like(pair_weight), batch["bc_weight"]])
-        bc_loss = None
-        if bc_rows.any():  # a mean over tokens: sums of the rows' token log-probs over their number of tokens
-            bc_tokens = (n_tokens * bc_rows).sum()
-            bc_loss = -(logps * bc_rows).sum() / bc_tokens.clamp_min(1)
-            self._update(stage, "bc", "loss", bc_loss.detach(), bc_tokens)
-        if level_losses or bc_loss is not None:
-            loss = hierarchical_loss(level_losses, bc_loss, asdict(self.weights))
+        if bc_rows.any():  # summed NLL of the rows' agent tokens, over a number of tokens
+            sums["bc"] = -(logps * bc_rows).sum()
+            denominators["bc"] = (n_tokens * bc_rows).sum()
+            if not train:
+                self._update(stage, "bc", "loss", sums["bc"].detach() / denominators["bc"], denominators["bc"])
+        if train:
+            counts = dict(zip(STEP_COUNTS, batch["step_counts"]))
+            denominators = {key: counts[level] for level, key in LEVEL_KEYS.items()}
+            denominators["bc"] = counts["bc_tokens"] + hp.bc_on_chosen * counts["chosen_tokens"]
+            self._accumulate_bc(sums.get("bc"))
+        weights = asdict(self.weights)
+        if sums:
+            loss = objective_share(sums, denominators, weights)
         else:  # a batch of fillers only (evens out DDP ranks): a zero that still reaches every parameter
             loss = 0.0 * logps.sum()
-        if stage == "train":
-            self.log("train/loss", loss, prog_bar=True, batch_size=max(len(batch["ids"]), 1))
-            self.log("curriculum/phase", float(batch.get("phase", 0)), batch_size=1)
+        if train:
+            if batch["step_end"]:
+                self._log_train_step(denominators, weights, batch)
+            # Lightning divides each micro-batch's loss by accumulate_grad_batches and DDP/FSDP average gradients
+            # over ranks: undo both, so the step's gradient is that of the sum of the shares, i.e. of L.
+            return loss * self.trainer.accumulate_grad_batches * self.trainer.world_size
         return loss
+
+    def _train_sums(self) -> torch.Tensor:
+        """Running sums over the current optimizer step: rows traj, step, group, bc; columns :data:`PAIR_STATS`."""
+        if self._step_sums is None:
+            self._step_sums = torch.zeros(len(TRAIN_ROWS), len(PAIR_STATS), dtype=torch.float64, device=self.device)
+        return self._step_sums
+
+    def _accumulate_bc(self, nll_sum: torch.Tensor | None) -> None:
+        if nll_sum is not None:
+            self._train_sums()[TRAIN_ROWS.index("bc"), 0] += nll_sum.detach()
+
+    def _log_train_step(self, denominators: dict[str, torch.Tensor], weights: dict[str, float], batch) -> None:
+        """Logs the optimizer step's exact means (one all-reduce of the step's sums) and its pairs per level."""
+        sums = self.trainer.strategy.reduce(self._train_sums().clone(), reduce_op="sum")
+        self._step_sums = None
+        total = 0.0
+        for row, key in enumerate(TRAIN_ROWS):
+            count = denominators[key]
+            if key != "bc":
+                self.log(f"train/{key}/pairs", float(count), on_step=True, on_epoch=False, batch_size=1)
+            if count <= 0:
+                continue
+            means = sums[row] / count
+            total = total + weights[key] * means[0]
+            for stat, value in zip(PAIR_STATS if key != "bc" else ("loss",), means):
+                self.log(f"train/{key}/{stat}", value.float(), on_step=True, on_epoch=False, batch_size=1)
+        self.log("train/loss", float(total), prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
+        self.log("curriculum/phase", float(batch.get("phase", 0)), on_step=True, on_epoch=False, batch_size=1)
 
     def _track(self, stage: str, level: str, out, mask: torch.Tensor) -> None:
         values = {
@@ -272,19 +324,18 @@ class HPLModule(L.LightningModule):
             "margin": out.margins,
             "accuracy": out.accuracies,
         }
+        if stage == "train":
+            row = self._train_sums()[TRAIN_ROWS.index(level)]
+            row += torch.stack([values[stat][mask].sum().to(torch.float64) for stat in PAIR_STATS])
+            return
         for stat, value in values.items():
             self._update(stage, level, stat, value[mask], torch.ones_like(value[mask]))
 
     def _update(self, stage: str, level: str, stat: str, value: torch.Tensor, weight: torch.Tensor) -> None:
-        """Train metrics are logged per step (the batch's value); val/test metrics as exact epoch means."""
+        """Validation/test metrics: exact means over the whole split."""
         metric = self.metrics[_metric_key(stage, level, stat)]
-        name = f"{stage}/{level}/{stat}"
-        if stage == "train":
-            metric(value, weight)
-            self.log(name, metric, on_step=True, on_epoch=False)
-        else:
-            metric.update(value, weight)
-            self.log(name, metric, on_step=False, on_epoch=True)
+        metric.update(value, weight)
+        self.log(f"{stage}/{level}/{stat}", metric, on_step=False, on_epoch=True)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")

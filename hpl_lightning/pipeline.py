@@ -265,7 +265,7 @@ def pairs(
     filters: PairFilters = PairFilters(),
     levels: list[str] = ["trajectory", "step", "group"],
     max_negatives: int = 3,
-    with_experts: bool = False,
+    with_experts: bool = True,
 ) -> dict[str, Any]:
     """Builds trajectory, step and group pairs from experts and rollouts with the paper's filters; prints how many
     candidates each filter dropped; every written record is validated with the data contract's parser.
@@ -277,7 +277,8 @@ def pairs(
         filters: thresholds (defaults: the paper's).
         levels: which levels to build.
         max_negatives: negatives per group (as explored).
-        with_experts: also write the expert trajectories (behaviour-cloning items of the same file).
+        with_experts: also write the expert trajectories (default): the behaviour-cloning data of the paper's
+            L_BC (Eq. 1) in the same file; false writes the pairs only.
     """
     trajectories = load_trajectories(experts)
     found = list(read_rollouts(Path(rollouts)).values())

@@ -9,12 +9,14 @@ the first stop string (default ``"\\nObservation:"``, as IPR/HPL sample): the ag
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
 import urllib.error
 import urllib.request
 from abc import ABC, abstractmethod
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Sequence
@@ -35,12 +37,18 @@ def truncate_at_stop(text: str, stop: Sequence[str]) -> str:
     return text[:cut]
 
 
+def request_seed(seed: int, key: str) -> int:
+    """A sampling seed for one request, distinct per ``key`` and the same on every run (31 bits, as servers take)."""
+    return int.from_bytes(hashlib.sha256(f"{seed}/{key}".encode()).digest()[:4], "big") & 0x7FFFFFFF
+
+
 class Policy(ABC):
     """Writes one assistant turn per conversation; ``describe`` identifies it in results (resume checks)."""
 
     @abstractmethod
-    def generate(self, conversations: list[Conversation]) -> list[str]:
-        """The next assistant message of each conversation, in order."""
+    def generate(self, conversations: list[Conversation], keys: Sequence[str] | None = None) -> list[str]:
+        """The next assistant message of each conversation, in order. ``keys`` (optional) name each request
+        stably (the data pipeline: rollout and turn), for policies that derive a per-request sampling seed."""
 
     @abstractmethod
     def describe(self) -> dict[str, Any]:
@@ -95,7 +103,8 @@ class LocalPolicy(Policy):
         return {"type": "local", "model": spec, "max_new_tokens": self.max_new_tokens,
                 "temperature": self.temperature, "top_p": self.top_p, "stop": list(self.stop), "seed": self.seed}
 
-    def generate(self, conversations: list[Conversation]) -> list[str]:
+    def generate(self, conversations: list[Conversation], keys: Sequence[str] | None = None) -> list[str]:
+        # ``keys`` are not needed: one generator, seeded per batch, samples every sequence of the batch differently
         prompts = [
             self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations
         ]
@@ -140,7 +149,8 @@ class OpenAIPolicy(Policy):
     ``concurrency`` requests are in flight at once (threads), so the server can batch a whole turn; a request that
     fails with a connection error, a timeout or a retryable status (429, 5xx) is retried up to ``retries`` times
     with exponential backoff, then the error propagates (a turn is never replaced by an empty answer).
-    ``api_key`` defaults to ``$OPENAI_API_KEY``; local servers usually need none.
+    ``api_key`` defaults to ``$OPENAI_API_KEY``; local servers usually need none. ``seed``: each request gets its
+    own seed derived from it and the request's key (:meth:`request_seeds`); None sends no seed (not reproducible).
     """
 
     def __init__(
@@ -162,6 +172,7 @@ class OpenAIPolicy(Policy):
         self.api_key = api_key if api_key is not None else os.environ.get("OPENAI_API_KEY")
         self.temperature, self.top_p, self.stop, self.max_tokens = temperature, top_p, tuple(stop), max_tokens
         self.timeout, self.retries, self.backoff, self.concurrency, self.seed = timeout, retries, backoff, concurrency, seed
+        self._sent: Counter = Counter()  # times each conversation was sent (keyless requests' seeds)
         if concurrency < 1:
             raise ValueError(f"concurrency must be >= 1, got {concurrency}")
 
@@ -169,18 +180,37 @@ class OpenAIPolicy(Policy):
         return {"type": "openai", "model": self.model, "url": self.url, "max_tokens": self.max_tokens,
                 "temperature": self.temperature, "top_p": self.top_p, "stop": list(self.stop), "seed": self.seed}
 
-    def generate(self, conversations: list[Conversation]) -> list[str]:
+    def generate(self, conversations: list[Conversation], keys: Sequence[str] | None = None) -> list[str]:
+        seeds = self.request_seeds(conversations, keys)
         with ThreadPoolExecutor(min(self.concurrency, max(1, len(conversations)))) as pool:
-            return list(pool.map(self.complete, conversations))
+            return list(pool.map(self.complete, conversations, seeds))
 
-    def complete(self, messages: Conversation) -> str:
+    def request_seeds(self, conversations: list[Conversation], keys: Sequence[str] | None) -> list[int | None]:
+        """One seed per request (none when ``seed`` is None), from ``seed`` and the request's key.
+
+        A server such as vLLM seeds each request's sampler with its ``seed``: one seed for every request would make
+        the Monte-Carlo completions and group tries from one prompt copies of each other. Without ``keys`` a request
+        is keyed by its conversation and how many times this policy has sent that conversation before, so repeated
+        prompts still differ and a re-run of the same calls samples the same texts.
+        """
+        if self.seed is None:
+            return [None] * len(conversations)
+        if keys is None:
+            keys = []
+            for messages in conversations:
+                digest = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()
+                keys.append(f"{digest}#{self._sent[digest]}")
+                self._sent[digest] += 1
+        return [request_seed(self.seed, key) for key in keys]
+
+    def complete(self, messages: Conversation, seed: int | None = None) -> str:
         """One chat completion, retried on transient failures."""
         body: dict[str, Any] = {"model": self.model, "messages": messages, "temperature": self.temperature,
                                 "top_p": self.top_p, "max_tokens": self.max_tokens}
         if self.stop:
             body["stop"] = list(self.stop)
-        if self.seed is not None:
-            body["seed"] = self.seed
+        if seed is not None:
+            body["seed"] = seed
         headers = {"Content-Type": "application/json"}
         if self.api_key:
             headers["Authorization"] = f"Bearer {self.api_key}"

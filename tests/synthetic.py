@@ -37,19 +37,19 @@ def make_records(n_tasks: int = 4, seed: int = 0, group_lengths=(1, 2, 3, 5), ga
     for t in range(n_tasks):
         h = head(rng, t)
         expert = turns(rng, 6)
-        records.append({"id": f"bc-{t}", "task": "synthetic", "messages": h + expert, "reward": 1.0})
+        records.append({"id": f"bc-{t}", "task": f"intercode_sql/{t}", "messages": h + expert, "reward": 1.0})
         records.append({
-            "id": f"traj-{t}", "task_id": f"task-{t}", "level": "trajectory", "prompt": h, "chosen": expert,
+            "id": f"traj-{t}", "task_id": f"intercode_sql/{t}", "level": "trajectory", "prompt": h, "chosen": expert,
             "rejected": turns(rng, 4), "chosen_reward": 1.0, "rejected_reward": 0.0,
         })
         records.append({
-            "id": f"step-{t}", "task_id": f"task-{t}", "level": "step", "prompt": h + expert[:4], "chosen": expert[4:],
+            "id": f"step-{t}", "task_id": f"intercode_sql/{t}", "level": "step", "prompt": h + expert[:4], "chosen": expert[4:],
             "rejected": turns(rng, 2), "chosen_reward": 1.0, "rejected_reward": 0.3,
         })
         for g, length in enumerate(group_lengths):
             gap = gaps[(t + g) % len(gaps)]
             records.append({
-                "id": f"group-{t}-{g}", "task_id": f"task-{t}", "level": "group", "prompt": h + expert[:2],
+                "id": f"group-{t}-{g}", "task_id": f"intercode_sql/{t}", "level": "group", "prompt": h + expert[:2],
                 "chosen": turns(rng, length, final_observation=False),
                 "rejected": turns(rng, length, final_observation=False),
                 "chosen_reward": 1.0, "rejected_reward": round(1.0 - gap, 3), "group_length": length,

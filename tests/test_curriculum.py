@@ -6,7 +6,7 @@ import itertools
 
 import pytest
 
-from hpl_lightning.curriculum import Curriculum, epoch_batches, phase_members
+from hpl_lightning.curriculum import Curriculum, benchmark_of, epoch_batches, one_pass_members, phase_members
 
 # one group pair per bucket, lengths/gaps chosen on and around the thresholds (SQL: lengths 2/4, gaps 0.7/0.4)
 LENGTHS = {1: [1, 2], 2: [3, 4], 3: [5, 9]}
@@ -50,6 +50,45 @@ def test_alfworld_thresholds():
     assert [curriculum.length_level(n) for n in (1, 3, 4, 6, 7)] == [1, 1, 2, 2, 3]
 
 
+@pytest.mark.parametrize("task_id,expected", [
+    ("sciworld/boil/3", (3, 6)), ("alfworld/train/pick_x/trial_1", (3, 6)), ("webshop/12", (2, 4)),
+    ("intercode_sql", (2, 4)), ("intercode_sql/17", (2, 4)),
+])
+def test_length_thresholds_follow_the_benchmark_of_the_data(task_id, expected):
+    """By default (``length_thresholds: benchmark``) the paper's thresholds of the data's benchmark are used."""
+    resolved, note = Curriculum().for_benchmarks({benchmark_of(task_id)})
+    assert resolved.length_thresholds == expected and str(list(expected)) in note
+    assert benchmark_of("task-1", {"benchmark": "alfworld"}) == "alfworld"  # an explicit benchmark field wins
+
+
+def test_mixed_or_unknown_benchmarks_need_explicit_thresholds():
+    for benchmarks in ({"sciworld", "intercode_sql"}, {"mygame"}):
+        with pytest.raises(ValueError, match="set data.curriculum.length_thresholds"):
+            Curriculum().for_benchmarks(benchmarks)
+    explicit, note = Curriculum(length_thresholds=(1, 2)).for_benchmarks({"mygame"})
+    assert explicit.length_thresholds == (1, 2) and "explicitly" in note
+    static, _ = Curriculum(mode="static").for_benchmarks({"mygame"})  # thresholds unused: no error
+    assert static.first_phase("group", 9, 0.1) == 1
+
+
+def test_one_pass_uses_every_item_once_and_phases_group_pairs_in():
+    """The paper's 1-epoch stage: trajectory/step/bc items split evenly over the phases, each group pair once, in
+    the phase it enters."""
+    curriculum = Curriculum(length_thresholds=(2, 4))
+    items = _items() * 3  # 3 of each of trajectory and step, 3 x 18 group pairs
+    items += [("bc", None, None, "bc")] * 6
+    levels = [level for level, *_ in items]
+    first = [curriculum.first_phase(level, length, gap) for level, length, gap, _ in items]
+    phases = [one_pass_members(first, levels, p, 3, seed=5) for p in (1, 2, 3)]
+    assert sorted(i for members in phases for i in members) == list(range(len(items)))  # each item exactly once
+    for p, members in enumerate(phases, start=1):
+        kinds = [items[i][3] for i in members]
+        assert kinds.count("traj") == 1 and kinds.count("step") == 1 and kinds.count("bc") == 2
+        assert {k for k in kinds if k.startswith("B")} == set(EXPECTED["dual"][p - 1]) - (
+            set(EXPECTED["dual"][p - 2]) if p > 1 else set())
+    assert phases == [one_pass_members(first, levels, p, 3, seed=5) for p in (1, 2, 3)]  # deterministic
+
+
 @pytest.mark.parametrize("n_items,batch,world", [(19, 4, 2), (15, 4, 2), (3, 2, 2), (28, 3, 3), (5, 4, 1)])
 def test_ranks_get_disjoint_equal_count_shares_that_cover_the_phase(n_items, batch, world):
     members = list(range(100, 100 + n_items))
@@ -77,3 +116,23 @@ def test_step_schedule_cycles_through_reshuffled_passes():
     flat = [s.index for b in batches for s in b]
     assert len(batches) == 6 and len(flat) == 24
     assert sorted(flat[:10]) == list(range(10)) and sorted(flat[10:20]) == list(range(10))
+
+
+def test_plan_says_how_often_each_item_is_seen(tmp_path):
+    from hpl_lightning.data import HPLDataModule, PhaseSchedule
+    from tests.synthetic import make_records, write_jsonl
+
+    train = write_jsonl(tmp_path / "train.jsonl", make_records(n_tasks=4))
+    plans = {}
+    for unit in ("one_pass", "epochs"):
+        dm = HPLDataModule(train_path=str(train), max_length=512, schedule=PhaseSchedule(unit=unit))
+        dm.setup("fit")
+        plans[unit] = dm.describe_plan()
+    assert "intercode_sql" in plans["one_pass"][0]  # the thresholds' source
+    assert plans["one_pass"][-1].endswith(
+        "times each item is seen: B11 1, B12 1, B13 1, B21 1, B22 1, B23 1, B31 1, B32 1, B33 1, bc 1, step 1, trajectory 1"
+    )
+    # multi-epoch (one full pass over each phase's pool): B11 and the steady items 3 times
+    assert "B11 3, B12 2" in plans["epochs"][-1] and "trajectory 3" in plans["epochs"][-1]
+    with pytest.raises(ValueError, match="trainer.max_epochs"):
+        PhaseSchedule().phase(3, 3)

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from hpl_lightning.curriculum import Curriculum, phase_members
+from hpl_lightning.curriculum import Curriculum, one_pass_members
 from hpl_lightning.schema import load_records
 from tests.synthetic import make_records, write_jsonl
 
@@ -41,9 +41,10 @@ def test_ddp_ranks_get_disjoint_shares_that_cover_each_phase(tmp_path):
     assert proc.returncode == 0, proc.stderr[-4000:]
 
     records = [r for r, _ in load_records(train)]
-    curriculum = Curriculum()
-    first = [curriculum.first_phase(r.level if hasattr(r, "level") else "bc", getattr(r, "group_length", None),
-                                    getattr(r, "difficulty", None)) for r in records]
+    curriculum = Curriculum(length_thresholds=(2, 4))  # the paper's for InterCode-SQL, the synthetic data's benchmark
+    levels = [getattr(r, "level", "bc") for r in records]
+    first = [curriculum.first_phase(level, getattr(r, "group_length", None), getattr(r, "difficulty", None))
+             for level, r in zip(levels, records)]
     per_rank_epoch: dict[int, dict[int, list[str]]] = defaultdict(lambda: defaultdict(list))
     steps = {}
     for rank in (0, 1):
@@ -55,8 +56,10 @@ def test_ddp_ranks_get_disjoint_shares_that_cover_each_phase(tmp_path):
     for epoch in range(3):
         ids0, ids1 = per_rank_epoch[epoch][0], per_rank_epoch[epoch][1]
         assert not set(ids0) & set(ids1), f"epoch {epoch}: ranks share pairs"
-        expected = sorted(records[i].id for i in phase_members(first, epoch + 1))
+        expected = sorted(records[i].id for i in one_pass_members(first, levels, epoch + 1, 3, seed=0))
         assert sorted(ids0 + ids1) == expected, f"epoch {epoch}: the ranks do not cover phase {epoch + 1}"
+    every = [i for epoch in range(3) for rank in (0, 1) for i in per_rank_epoch[epoch][rank]]
+    assert sorted(every) == sorted(r.id for r in records)  # one pass: every item once
     assert (tmp_path / "run" / "ckpt" / "last.ckpt").exists()
 
 
@@ -77,7 +80,7 @@ def test_fsdp2_fits_saves_sharded_checkpoints_and_resumes_exactly(tmp_path):
     strategy = [
         "--trainer.strategy=lightning.pytorch.strategies.ModelParallelStrategy",
         "--trainer.strategy.data_parallel_size=2", "--trainer.strategy.tensor_parallel_size=1",
-        "--checkpoint.every_n_train_steps=2",
+        "--checkpoint.every_n_train_steps=3",
     ]
     full = _fit(tmp_path / "full", train, *strategy)
     assert full.returncode == 0, full.stderr[-4000:]
@@ -85,17 +88,18 @@ def test_fsdp2_fits_saves_sharded_checkpoints_and_resumes_exactly(tmp_path):
     assert last.is_dir() and len(list(last.glob("*.distcp"))) == 2  # one shard per rank
 
     killed_run = tmp_path / "killed"
-    # every rank SIGKILLed at step 5, mid phase 2 (phase 1: 12 items -> 3 steps of 2x2): resume from step 4
+    # every rank SIGKILLed at step 4, mid phase 2 (one pass over 21 items, 2x2 per step: phases of 2, 2 and 3
+    # steps): resume from the checkpoint of step 3
     killed = _fit(killed_run, train, *strategy, "--trainer.callbacks+=tests.killers.KillAt",
-                  "--trainer.callbacks.step=5", "--trainer.callbacks.signal_name=SIGKILL",
+                  "--trainer.callbacks.step=4", "--trainer.callbacks.signal_name=SIGKILL",
                   "--trainer.callbacks.process_group=true")
-    assert killed.returncode == -9 and len(_consumed(killed_run, 0)) == 5, killed.stderr[-4000:]
+    assert killed.returncode == -9 and len(_consumed(killed_run, 0)) == 4, killed.stderr[-4000:]
     resumed = _fit(killed_run, train, *strategy, "--ckpt_path=last",
                    f"--trainer.callbacks.path={killed_run / 'after'}")
     assert resumed.returncode == 0, resumed.stderr[-4000:]
     for rank in (0, 1):
         after = [b["ids"] for b in (json.loads(x) for x in (killed_run / f"after.rank{rank}.jsonl").read_text().splitlines())]
-        assert after == [b["ids"] for b in _consumed(tmp_path / "full", rank)][4:]  # redo step 5, then onwards
+        assert after == [b["ids"] for b in _consumed(tmp_path / "full", rank)][3:]  # redo step 4, then onwards
 
     expected = _sharded_policy(last, tmp_path / "full.pt")
     got = _sharded_policy(killed_run / "ckpt" / "last.ckpt", tmp_path / "resumed.pt")

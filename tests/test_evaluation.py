@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import signal
 import socket
@@ -77,7 +78,9 @@ def test_local_policy_stops_at_stop_string(lively_policy: LocalPolicy) -> None:
 
 class FakeChatServer:
     """An OpenAI-compatible /v1/chat/completions on 127.0.0.1 that answers 503 to the first ``fail_first`` calls
-    and then echoes the last user message as the action (with an observation the client must cut)."""
+    and then echoes the last user message as the action (with an observation the client must cut). At temperature
+    > 0 it samples a number into the thought the way vLLM samples: from the request's ``seed`` when given (the same
+    seed, the same sample), at random otherwise."""
 
     def __init__(self, fail_first: int = 1, status: int = 503):
         self.requests: list[tuple[dict[str, Any], dict[str, str]]] = []
@@ -94,7 +97,10 @@ class FakeChatServer:
                 if len(server.requests) <= server.fail_first:
                     self.send_error(server.status, "busy")
                     return
-                text = f"Thought: echo\nAction: {body['messages'][-1]['content']}\nObservation: invented"
+                thought = "echo"
+                if body.get("temperature", 0) > 0:
+                    thought += f" {random.Random(body.get('seed')).randrange(10**9)}"  # seed None: fresh entropy
+                text = f"Thought: {thought}\nAction: {body['messages'][-1]['content']}\nObservation: invented"
                 payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode()
                 self.send_response(200)
                 self.send_header("Content-Type", "application/json")
@@ -130,6 +136,23 @@ def test_openai_policy_batches_retries_and_cuts_at_stop() -> None:
     assert body["model"] == "served-model" and body["max_tokens"] == 64 and body["temperature"] == 0.0
     assert body["stop"] == ["\nObservation:"]
     assert headers["Authorization"] == "Bearer k"
+
+
+def test_openai_policy_samples_differ_per_request_and_repeat_on_a_rerun() -> None:
+    """M Monte-Carlo completions of one prompt at temperature 1 are M different samples (a served model seeds each
+    request's sampler from its ``seed``), and the same M when the same calls are made again."""
+    prompt = [{"role": "user", "content": "task 7"}]
+    m = 5
+    keys = [f"sciworld/boil/3/step/2/mc/{k}/turn0" for k in range(m)]  # what explore sends: rollout key and turn
+    with FakeChatServer(fail_first=0) as server:
+        runs = []
+        for _ in range(2):  # a fresh policy each time, as a re-run of the pipeline
+            policy = OpenAIPolicy("m", base_url=server.url, temperature=1.0, seed=0, backoff=0.01)
+            runs.append((policy.generate([prompt] * m, keys), policy.generate([prompt] * m)))
+        assert len({body["seed"] for body, _ in server.requests}) == 2 * m  # keyed and keyless seeds all differ
+    for keyed, keyless in runs:
+        assert len(set(keyed)) == m and len(set(keyless)) == m
+    assert runs[0] == runs[1]
 
 
 def test_openai_policy_gives_up_with_a_clear_error() -> None:

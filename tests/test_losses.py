@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from hpl_lightning.losses import hierarchical_loss, masked_mean, preference_loss
+from hpl_lightning.losses import objective_share, preference_loss
 
 
 def _logps():
@@ -46,17 +46,20 @@ def test_ipo_is_per_token_and_hinge():
         preference_loss(pc, pr, rc, rr, loss_type="ipo")
 
 
-def test_absent_level_contributes_nothing_and_no_nan():
-    values = torch.tensor([1.0, 2.0], requires_grad=True)
-    empty = masked_mean(values, torch.tensor([False, False]))
-    assert empty.item() == 0.0 and not torch.isnan(empty)
-    empty.backward()
-    assert values.grad.tolist() == [0.0, 0.0]
-
-
-def test_hierarchical_weights_and_missing_levels():
-    terms = {"traj": torch.tensor(1.0), "group": torch.tensor(3.0)}
-    total = hierarchical_loss(terms, torch.tensor(0.5), {"bc": 2.0, "traj": 1.0, "step": 7.0, "group": 0.5})
-    assert total.item() == pytest.approx(2 * 0.5 + 1.0 + 0.5 * 3.0)
+def test_level_means_over_the_step_whatever_the_micro_batches():
+    """Each level is the mean over its pairs in the whole step: split into micro-batches, the shares add up to it."""
+    weights = {"bc": 2.0, "traj": 1.0, "step": 7.0, "group": 0.5}
+    traj, group, bc_nll = torch.tensor([1.0, 3.0]), torch.tensor([2.0, 4.0, 6.0]), torch.tensor([5.0, 7.0])
+    denominators = {"traj": 2, "step": 0, "group": 3, "bc": 10}  # bc: a mean over the step's 10 agent tokens
+    expected = 2.0 * 12 / 10 + 1.0 * 2.0 + 0.5 * 4.0  # step absent from the step: adds nothing
+    whole = objective_share({"traj": traj.sum(), "group": group.sum(), "bc": bc_nll.sum()}, denominators, weights)
+    assert whole.item() == pytest.approx(expected)
+    # the same pairs in three micro-batches, one without any trajectory pair
+    parts = [
+        {"traj": traj[:1].sum(), "group": group[:2].sum()},
+        {"group": group[2:].sum(), "bc": bc_nll[:1].sum()},
+        {"traj": traj[1:].sum(), "bc": bc_nll[1:].sum()},
+    ]
+    assert sum(objective_share(p, denominators, weights).item() for p in parts) == pytest.approx(expected)
     with pytest.raises(ValueError):
-        hierarchical_loss({}, None, {})
+        objective_share({}, denominators, weights)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from hpl_lightning.data import collate
 from hpl_lightning.models import TINY_MODEL, load_tokenizer
-from hpl_lightning.module import HPLModule
+from hpl_lightning.module import HPLModule, LossWeights
 from hpl_lightning.schema import parse_pair, parse_trajectory
 from hpl_lightning.tokenization import ChatTokenizer, TokenizationReport
 
@@ -87,10 +88,31 @@ def test_group_logps_are_the_sum_over_exactly_their_agent_tokens_and_observation
         assert torch.allclose(logps[row], token_logps[mask].sum(), atol=1e-4)
         assert n_tokens[row] == mask.sum()
 
-    # the full objective (DPO + BC on chosen + BC on the expert trajectory) back-propagated to the logits
+    # the full objective (DPO + BC on the expert trajectory) back-propagated to the logits
     module._step(batch, "val").backward()
     grad = captured["logits"].grad.abs().sum(-1)  # [rows, positions]; position t predicts token t+1
     for row in range(3):
         predicts_scored = batch["scored"][row, 1:]
         assert (grad[row, :-1][~predicts_scored] == 0).all(), "a context token received gradient"
         assert (grad[row, :-1][predicts_scored] > 0).all()
+
+
+@pytest.mark.parametrize("bc_on_chosen", [False, True])
+def test_bc_is_the_expert_trajectories_nll_and_the_chosen_side_only_as_an_option(bc_on_chosen):
+    """Default L_BC: the paper's Eq. 1, NLL of the expert trajectories (a mean over their agent tokens); IPR's NLL
+    of each pair's chosen side joins it only with ``bc_on_chosen``."""
+    tokenizer = load_tokenizer(str(TINY_MODEL))
+    chat, report = ChatTokenizer(tokenizer, 4096), TokenizationReport()
+    pair = chat(_group_pair(), report, "mem", 1)
+    expert = chat(parse_trajectory({"id": "e", "task": "sql", "messages": HEAD + PREFIX + CHOSEN, "reward": 1.0}),
+                  report, "mem", 2)
+    batch = collate([(pair, False), (expert, False)], tokenizer.pad_token_id)
+    kwargs = {"bc_on_chosen": True} if bc_on_chosen else {}  # the default is off
+    module = HPLModule(policy=str(TINY_MODEL), init_seed=3, weights=LossWeights(bc=1.0, traj=0.0, step=0.0, group=0.0),
+                       **kwargs)
+    module.configure_model()
+    with torch.no_grad():
+        logps, n_tokens, _ = module.sequence_logps(module.policy, batch, sum_dtype=torch.float64)
+        rows = [2, 0] if bc_on_chosen else [2]  # rows: chosen, rejected, expert
+        expected = -logps[rows].sum() / n_tokens[rows].sum()
+        assert module._step(batch, "val").item() == pytest.approx(expected.item(), rel=1e-6)

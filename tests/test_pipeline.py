@@ -60,6 +60,23 @@ def test_trajectory_pairs_choose_the_better_episode_and_drop_ties() -> None:
     assert report.dropped["trajectory"]["reward_margin"] == 1 and report.kept["trajectory"] == 0
 
 
+def test_pairs_command_writes_the_expert_trajectories_by_default(tmp_path: Path) -> None:
+    """The paper's L_BC (Eq. 1) needs the expert trajectories: `pipeline pairs` writes them with the pairs."""
+    from dataclasses import asdict
+
+    from hpl_lightning.schema import to_json
+
+    experts, rollouts = tmp_path / "experts.jsonl", tmp_path / "rollouts.jsonl"
+    experts.write_text(json.dumps(to_json(_expert())) + "\n")
+    rollouts.write_text(json.dumps(asdict(_roll("trajectory", 0, "agent", 0, 0.0))) + "\n")
+    for extra, expected in (([], {"x/1"}), (["--with_experts", "false"], set())):
+        out = tmp_path / f"pairs{len(extra)}.jsonl"
+        main(["pairs", "--experts", str(experts), "--rollouts", str(rollouts), "--output", str(out), *extra])
+        records = [r for r, _ in load_records(out)]
+        assert {r.id for r in records if isinstance(r, Trajectory)} == expected
+        assert sum(not isinstance(r, Trajectory) for r in records) == 1  # the trajectory pair
+
+
 def test_step_pairs_filter_on_final_reward_and_mc_value() -> None:
     expert = _expert()
     rollouts = [

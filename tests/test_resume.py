@@ -1,5 +1,6 @@
-"""Preemption: a fit killed mid-epoch (mid curriculum phase 2) and resumed with --ckpt_path last ends with the same
-weights as an uninterrupted run, and consumes exactly the remainder of its pair ids."""
+"""Preemption: a fit killed mid-epoch (mid curriculum phase 2 of the default one-pass schedule) and resumed with
+--ckpt_path last ends with the same weights as an uninterrupted run, and consumes exactly the remainder of its pair
+ids."""
 
 from __future__ import annotations
 
@@ -44,7 +45,7 @@ def _weights(run: Path) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def reference_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume")
-    train = write_jsonl(tmp / "train.jsonl", make_records(n_tasks=4))
+    train = write_jsonl(tmp / "train.jsonl", make_records(n_tasks=8))
     run = tmp / "full"
     proc = _fit(run, train, f"--trainer.callbacks.path={run / 'ids'}")
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -55,9 +56,10 @@ def reference_run(tmp_path_factory):
 def test_killed_and_resumed_run_equals_uninterrupted(reference_run, tmp_path, signal_name, kill_step):
     train, full = reference_run
     full_batches = _ids(full, "ids")
-    # 28 items, batch 4: phase 1 = 15 items (4 batches), phase 2 = 19 (5), phase 3 = 28 (7); step 6 and 7 are in
-    # the middle of phase 2 (epoch 1).
-    assert len(full_batches) == 16
+    # one pass over 56 items, batch 4: phase 1 = 14 items (4 batches), phase 2 = 15 (4), phase 3 = 27 (7); steps 6
+    # and 7 are in the middle of phase 2 (epoch 1). Every item is used exactly once.
+    assert len(full_batches) == 15
+    assert sorted(i for batch in full_batches for i in batch) == sorted(r["id"] for r in make_records(n_tasks=8))
     run = tmp_path / "killed"
     killed = _fit(run, train, f"--trainer.callbacks.path={run / 'before'}",
                   "--trainer.callbacks+=tests.killers.KillAt", f"--trainer.callbacks.step={kill_step}",
