@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import copy
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -30,6 +30,7 @@ from hpl_lightning.policies import LocalPolicy, OpenAIPolicy, Policy
 from hpl_lightning.schema import Trajectory, load_records, parse_record, to_json, write_jsonl
 from hpl_lightning.segmentation import (
     DEFAULT_STATS_SEGMENTERS,
+    LLMSegmenter,
     action_indices,
     build_segmenter,
     format_stats,
@@ -91,7 +92,8 @@ def import_(output: str, input: str | None = None, source: str = "intercode", su
 @torch.no_grad()
 def action_entropies(policy: LocalPolicy, trajectory: Trajectory, max_length: int = 4096) -> list[float]:
     """Mean next-token entropy of π_ref over each action's tokens given everything before it (the uncertainty
-    segmenter's input). Conversations longer than ``max_length`` tokens keep the last ``max_length`` (context cut)."""
+    segmenter's input). Conversations longer than ``max_length`` tokens keep the last ``max_length`` (context cut);
+    an action with a token outside them is an error naming the trajectory (its entropy would be made up)."""
     chat = ChatTokenizer(policy.tokenizer, max_length)
     messages = trajectory.messages
     text = chat.render(messages)
@@ -104,9 +106,14 @@ def action_entropies(policy: LocalPolicy, trajectory: Trajectory, max_length: in
     logp = torch.log_softmax(logits, dim=-1)
     entropy = -(logp.exp() * logp).sum(-1)  # entropy[j] = H of the distribution predicting token cut + j + 1
     out = []
-    for a, b in spans:
-        positions = [j - cut - 1 for j, (start, _) in enumerate(offsets) if a <= start < b and j - cut - 1 >= 0]
-        out.append(float(entropy[positions].mean()) if positions else 0.0)
+    for k, (a, b) in enumerate(spans):
+        positions = [j - cut - 1 for j, (start, _) in enumerate(offsets) if a <= start < b]
+        if not positions or min(positions) < 0:
+            raise ValueError(
+                f"trajectory {trajectory.id!r}: action {k} is not within the last max_length={max_length} tokens of "
+                f"its {len(ids)}-token conversation; raise --max_length to compute its entropy"
+            )
+        out.append(float(entropy[positions].mean()))
     return out
 
 
@@ -115,7 +122,7 @@ def segment(
     output: str,
     segmenter: str = "fixed_k",
     options: dict[str, Any] | None = None,
-    reference: str = "hpl-tiny",
+    reference: str | None = None,
     max_length: int = 4096,
     dtype: str = "float32",
     device: str = "cpu",
@@ -128,8 +135,9 @@ def segment(
         output: the same trajectories with their groups.
         segmenter: fixed_n, fixed_k, uncertainty, semantic_llm, semantic_embedding or jaccard.
         options: the segmenter's config fields, e.g. {"group_size": 3} or {"threshold": 0.5}.
-        reference: uncertainty only: π_ref (hub name, directory, hpl-tiny or .ckpt) whose per-action entropies are
-            computed when a trajectory has no ``meta.action_entropies`` yet (they are stored there).
+        reference: uncertainty only: π_ref, the SFT policy (hub name, directory or .ckpt), whose per-action
+            entropies are computed when a trajectory has no ``meta.action_entropies`` yet (they are stored there);
+            required then, since entropies of any other model would cut at the wrong places.
         max_length: uncertainty only: tokens of context per trajectory.
         dtype: uncertainty only: reference model weights.
         device: uncertainty only: cpu or cuda.
@@ -138,12 +146,18 @@ def segment(
     if segmenter == "uncertainty":
         key = (options or {}).get("meta_key", "action_entropies")
         missing = [t for t in trajectories if key not in t.meta]
+        if missing and reference is None:
+            raise ValueError(
+                f"segmenter uncertainty: {len(missing)} trajectories (e.g. {missing[0].id!r}) have no "
+                f"meta.{key}; pass --reference (the SFT policy, π_ref) to compute them"
+            )
         if missing:
             ref = LocalPolicy(reference, dtype=dtype, device=device)
             entropies = {t.id: action_entropies(ref, t, max_length) for t in missing}
             trajectories = [replace(t, meta={**t.meta, key: entropies[t.id]}) if t.id in entropies else t
                             for t in trajectories]
-    covers = build_segmenter(segmenter, options).segment_many(trajectories)
+    cutter = build_segmenter(segmenter, options)
+    covers = cutter.segment_many(trajectories)
     records = []
     for t, cover in zip(trajectories, covers):
         validate_cover(cover, len(action_indices(t.messages)))
@@ -153,7 +167,11 @@ def segment(
     lengths = [e - s + 1 for c in covers for s, e in c]
     print(f"{len(records)} trajectories, {len(lengths)} groups (mean length {sum(lengths) / len(lengths):.2f}) "
           f"by {segmenter} -> {output}")
-    return {"trajectories": len(records), "groups": len(lengths)}
+    result: dict[str, Any] = {"trajectories": len(records), "groups": len(lengths)}
+    if isinstance(cutter, LLMSegmenter):  # how much of the segmentation is the model's, not a repair or fixed-K
+        print(f"{segmenter}: {cutter.stats.summary(cutter.config.fallback)}")
+        result["llm"] = asdict(cutter.stats)
+    return result
 
 
 # ------------------------------------------------------------------------------------------------ explore

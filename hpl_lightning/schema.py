@@ -61,6 +61,43 @@ class PreferencePair:
 
 
 Record = Union[Trajectory, PreferencePair]
+ACKNOWLEDGEMENT_MAX_CHARS = 20
+
+
+def task_statement_index(messages: list[dict[str, str]]) -> int | None:
+    """Index of the message that states the task (None without a user message): the one place that decides where
+    the task statement ends, for tokenization (never scored nor truncated), segmentation and pair building.
+
+    Leading system messages are skipped and the first user message states the task, unless it is followed by an
+    acknowledgement and another user message, ETO/IPR's ``[user: instruction, assistant: "OK", user: task]``: then
+    the task is that third message. An acknowledgement is a short assistant turn (at most 20 characters) with no
+    ``Action:``, e.g. ``OK``, ``Okay.``, ``Sure, let's start.``; it is never an agent action.
+    """
+    i = 0
+    while i < len(messages) and messages[i]["role"] == "system":
+        i += 1
+    if i == len(messages) or messages[i]["role"] != "user":
+        return next((j for j in range(i, len(messages)) if messages[j]["role"] == "user"), None)
+    ack = messages[i + 1] if i + 1 < len(messages) else None
+    if (
+        ack is not None
+        and ack["role"] == "assistant"
+        and i + 2 < len(messages)
+        and messages[i + 2]["role"] == "user"
+        and len(ack["content"].strip()) <= ACKNOWLEDGEMENT_MAX_CHARS
+        and "Action:" not in ack["content"]
+    ):
+        return i + 2
+    return i
+
+
+def head_length(messages: list[dict[str, str]]) -> int:
+    """Messages up to and including the task statement (:func:`task_statement_index`); the agent's actions are the
+    assistant messages after them."""
+    index = task_statement_index(messages)
+    if index is None:
+        return next((i for i, m in enumerate(messages) if m["role"] != "system"), len(messages))
+    return index + 1
 
 
 class _Checker:
@@ -124,8 +161,11 @@ def parse_trajectory(obj: Any, path: str | os.PathLike | None = None, line: int 
     if not isinstance(obj, dict):
         raise c.fail(None, "expected a JSON object")
     messages = c.messages("messages")
-    if not any(m["role"] == "assistant" for m in messages):
-        raise c.fail("messages", "no assistant turn: a trajectory needs at least one agent action")
+    if not any(m["role"] == "assistant" for m in messages[head_length(messages):]):
+        raise c.fail(
+            "messages", "no agent action after the task statement (an acknowledgement such as 'OK' before the task "
+            "message is not an action): a trajectory needs at least one assistant turn after it"
+        )
     return Trajectory(c.string("id"), c.string("task"), messages, c.number("reward"), c.meta())
 
 

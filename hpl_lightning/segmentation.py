@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Union
 import numpy as np
 
 from hpl_lightning.envs.base import parse_action
-from hpl_lightning.schema import Trajectory, load_records
+from hpl_lightning.schema import Trajectory, head_length, load_records, task_statement_index
 
 if TYPE_CHECKING:
     from sentence_transformers import SentenceTransformer
@@ -55,30 +55,16 @@ class InvalidCover(ValueError):
 # Trajectory -> actions
 
 
-_ACKNOWLEDGEMENTS = frozenset({"ok", "okay"})
-
-
 def action_indices(messages: Sequence[Mapping[str, str]]) -> list[int]:
-    """Message indices of the agent's actions: the assistant turns after the task statement.
+    """Message indices of the agent's actions: the assistant turns after the task statement
+    (:func:`~hpl_lightning.schema.head_length` decides where it ends; an acknowledgement is not an action)."""
+    return [i for i in range(head_length(messages), len(messages)) if messages[i]["role"] == "assistant"]
 
-    Rule: leading ``system`` messages are skipped. If the conversation then opens with ETO's head
-    ``[user: instruction, assistant: "OK", user: task]`` (the assistant turn is an acknowledgement, "OK"/"Okay",
-    case and trailing "."/"!" ignored), the task statement is that third message; otherwise it is the first user
-    message. Every assistant message after the task statement is an action (the "OK" is not: the model never chose
-    it). A real first action that is literally "OK" after a plain task message would be mistaken for the head.
-    """
-    start = 0
-    while start < len(messages) and messages[start]["role"] == "system":
-        start += 1
-    head = messages[start:start + 3]
-    if (
-        [m["role"] for m in head] == ["user", "assistant", "user"]
-        and head[1]["content"].strip().rstrip(".!").lower() in _ACKNOWLEDGEMENTS
-    ):
-        task_at = start + 2
-    else:
-        task_at = next((i for i in range(start, len(messages)) if messages[i]["role"] == "user"), start - 1)
-    return [i for i in range(task_at + 1, len(messages)) if messages[i]["role"] == "assistant"]
+
+def task_statement(messages: Sequence[Mapping[str, str]]) -> str:
+    """The text of the task message (what the LLM segmenter is shown), '' when there is none."""
+    index = task_statement_index(messages)
+    return "" if index is None else messages[index]["content"]
 
 
 @dataclass(frozen=True)
@@ -590,6 +576,16 @@ class LLMStats:
     rejections: Counter[str] = field(default_factory=Counter)  # InvalidCover.kind -> count
     rejected_ids: list[str] = field(default_factory=list)
 
+    def summary(self, fallback: str | None) -> str:
+        """One line: how many answers were valid, repaired, or invalid and replaced by the fallback segmenter."""
+        def kinds(c: Counter) -> str:
+            return f" ({', '.join(f'{k} {n}' for k, n in sorted(c.items()))})" if c else ""
+
+        replaced = f"replaced by {fallback}" if fallback else "no fallback"
+        return (f"LLM answers: {self.valid} valid, {self.repaired} invalid and repaired{kinds(self.repairs)}, "
+                f"{self.rejected} invalid and {replaced}{kinds(self.rejections)}; {self.trivial} one-action "
+                "trajectories not asked")
+
 
 @dataclass(frozen=True)
 class _Outcome:
@@ -621,7 +617,7 @@ class LLMSegmenter(Segmenter):
         steps = trajectory_steps(trajectory)
         if len(steps) == 1:
             return _Outcome([(0, 0)], [], trivial=True)
-        prompt = segmentation_prompt(trajectory.task, steps, self.config.max_chars)
+        prompt = segmentation_prompt(task_statement(trajectory.messages), steps, self.config.max_chars)
         answer = self.client.complete(
             [{"role": "system", "content": SEGMENTATION_SYSTEM_PROMPT}, {"role": "user", "content": prompt}]
         )
@@ -733,7 +729,7 @@ def segment_stats(
             trajectories
         )
         if isinstance(segmenter, LLMSegmenter):
-            out[name]["llm"] = asdict(segmenter.stats)
+            out[name]["llm"] = {**asdict(segmenter.stats), "summary": segmenter.stats.summary(segmenter.config.fallback)}
     return out
 
 
@@ -747,7 +743,7 @@ def format_stats(stats: Mapping[str, Mapping[str, Any]]) -> str:
             f"{s['group_length']['mean']:.2f}, histogram {' '.join(f'{k}:{v}' for k, v in h.items())}"
         )
         if "llm" in s:
-            lines.append(f"{'':<20} llm: {json.dumps(s['llm'])}")
+            lines.append(f"{'':<20} {s['llm']['summary']}")
     return "\n".join(lines)
 
 

@@ -14,7 +14,7 @@ from typing import Literal
 
 from transformers import PreTrainedTokenizerBase
 
-from hpl_lightning.schema import DataError, Record, Trajectory
+from hpl_lightning.schema import DataError, Record, Trajectory, head_length
 
 OverlongPolicy = Literal["truncate", "drop", "error"]
 UnscorablePolicy = Literal["error", "drop"]
@@ -62,28 +62,6 @@ class TokenizationReport:
             f"{self.examples} examples kept; {self.history_truncated} with oldest history turns removed, "
             f"{self.tail_truncated} cut at the end; dropped: {dropped}"
         )
-
-
-def head_length(messages: list[dict[str, str]]) -> int:
-    """Messages that state the task and are never truncated nor scored.
-
-    Leading system messages and the first user message; in the ETO/IPR layout
-    ``[user: instruction, assistant: "OK", user: task]`` the acknowledgement and the task message too.
-    """
-    i = 0
-    while i < len(messages) and messages[i]["role"] == "system":
-        i += 1
-    if i < len(messages) and messages[i]["role"] == "user":
-        i += 1
-    if (
-        i + 1 < len(messages)
-        and messages[i]["role"] == "assistant"
-        and messages[i + 1]["role"] == "user"
-        and len(messages[i]["content"]) <= 20
-        and "Action:" not in messages[i]["content"]
-    ):
-        i += 2
-    return i
 
 
 class ChatTokenizer:

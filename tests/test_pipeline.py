@@ -286,6 +286,20 @@ def test_uncertainty_segmentation_computes_entropies_with_the_reference(tmp_path
     assert stats["fixed_k"]["trajectories"] == stats["uncertainty"]["trajectories"] == 3
 
 
+def test_uncertainty_segmentation_needs_an_explicit_reference_and_every_action_in_context(tmp_path: Path) -> None:
+    """No silent random-init reference; an action cut off by max_length is an error naming the record."""
+    from hpl_lightning.pipeline import action_entropies
+    from hpl_lightning.policies import LocalPolicy
+
+    pipeline("import", "--input", str(RECORDINGS), "--output", str(tmp_path / "e.jsonl"), "--limit", "1")
+    with pytest.raises(ValueError, match="pass --reference"):
+        pipeline("segment", "--input", str(tmp_path / "e.jsonl"), "--output", str(tmp_path / "s.jsonl"),
+                 "--segmenter", "uncertainty")
+    (expert, _), = load_records(tmp_path / "e.jsonl")
+    with pytest.raises(ValueError, match=f"trajectory '{expert.id}': action 0 is not within the last max_length=64"):
+        action_entropies(LocalPolicy("hpl-tiny"), expert, max_length=64)
+
+
 # ------------------------------------------------------------------------------------------------ ScienceWorld
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("java") is None, reason="ScienceWorld's simulator needs a Java runtime")

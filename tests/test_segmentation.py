@@ -25,11 +25,13 @@ from hpl_lightning.segmentation import (
     action_indices,
     build_segmenter,
     entropy_threshold,
+    format_stats,
     fixed_k_groups,
     fixed_n_groups,
     parse_ranges,
     repair_cover,
     segment_stats,
+    task_statement,
     threshold_groups,
     trajectory_steps,
     uncertainty_groups,
@@ -40,7 +42,8 @@ INTERCODE = Path(__file__).resolve().parents[2] / "shared/data/intercode_sql/gpt
 
 
 def make_trajectory(tid: str, task: str, steps: list[tuple[str, str]], **meta: object) -> Trajectory:
-    """An ETO-style episode: instruction, "OK", task, then (action, observation) turns."""
+    """An ETO-style episode: instruction, "OK", the task statement ``task``, then (action, observation) turns. The
+    record's ``task`` field is an identifier, as in real data (``intercode_sql/<id>``), not the statement."""
     messages = [
         {"role": "user", "content": "You are an agent. Act with Thought/Action lines."},
         {"role": "assistant", "content": "OK"},
@@ -49,7 +52,7 @@ def make_trajectory(tid: str, task: str, steps: list[tuple[str, str]], **meta: o
     for action, observation in steps:
         messages.append({"role": "assistant", "content": action})
         messages.append({"role": "user", "content": f"Observation: {observation}"})
-    return Trajectory(tid, task, messages, 1.0, dict(meta))
+    return Trajectory(tid, f"intercode_sql/{tid}", messages, 1.0, dict(meta))
 
 
 def intercode_trajectories(task_ids: list[str]) -> list[Trajectory]:
@@ -378,7 +381,9 @@ def test_llm_parses_good_answer_through_http(fake_server: FakeChatServer) -> Non
     request = fake_server.requests[0]
     assert request["model"] == "fake-gpt" and request["temperature"] == 0
     prompt = request["messages"][-1]["content"]
-    assert "Task: task good" in prompt and "Action 4: Thought: t4\nAction: execute[q4]" in prompt
+    # the task statement (the task message's text), not the record's task id
+    assert "Task: task good" in prompt and "intercode_sql/good" not in prompt
+    assert "Action 4: Thought: t4\nAction: execute[q4]" in prompt
     assert "Observation 2: Observation: r2" in prompt and "[[0,0],[1,1],[2,3],[4,4]]" in prompt
     assert fake_server.headers[0]["Authorization"] == "Bearer sk-test"
 
@@ -447,9 +452,9 @@ def test_every_segmenter_gives_valid_covers_on_real_trajectories(
     entropies = {t.id: [float((7 * i) % 5) for i in range(n_actions(t))] for t in real}
     for t in real:  # recorded answers: one sensible cover, one repairable, one rejected
         n = n_actions(t)
-        fake_server.answer(f"Task: {t.task}", json.dumps([[0, 0], [1, n - 1]] if n > 2 else [[0, n - 1]]))
-    fake_server.answer(f"Task: {real[1].task}", "[[1, 2]]")
-    fake_server.answer(f"Task: {real[2].task}", "[[0, 3], [1, 2]]")
+        fake_server.answer(f"Task: {task_statement(t.messages)}", json.dumps([[0, 0], [1, n - 1]] if n > 2 else [[0, n - 1]]))
+    fake_server.answer(f"Task: {task_statement(real[1].messages)}", "[[1, 2]]")
+    fake_server.answer(f"Task: {task_statement(real[2].messages)}", "[[0, 3], [1, 2]]")
     segmenters = {name: build_segmenter(name) for name in ("fixed_n", "fixed_k", "jaccard")}
     segmenters["uncertainty"] = build_segmenter("uncertainty", entropies=entropies)
     segmenters["uncertainty_close"] = build_segmenter("uncertainty", {"placement": "close"}, entropies=entropies)
@@ -471,7 +476,7 @@ def test_segment_stats_on_jsonl(tmp_path: Path, fake_server: FakeChatServer, rea
         record = to_json(t)
         record["meta"] = {"action_entropies": [float(i % 3) for i in range(n)]}
         records.append(record)
-        fake_server.answer(f"Task: {t.task}", json.dumps([[i, i] for i in range(n)]))
+        fake_server.answer(f"Task: {task_statement(t.messages)}", json.dumps([[i, i] for i in range(n)]))
     write_jsonl(path, records)
     names = ["fixed_n", "fixed_k", "uncertainty", "jaccard", "semantic_llm"]
     configs = {"semantic_llm": {"base_url": fake_server.base_url, "api_key": "x", "model": "m"}}
@@ -484,4 +489,23 @@ def test_segment_stats_on_jsonl(tmp_path: Path, fake_server: FakeChatServer, rea
         assert s["groups_per_trajectory"]["min"] >= 1
     assert stats["semantic_llm"]["group_length"]["histogram"] == {1: sum(lengths)}
     assert stats["semantic_llm"]["llm"]["valid"] == sum(n > 1 for n in lengths)
+    assert "LLM answers: " in format_stats(stats)
     assert stats["fixed_k"]["groups_per_trajectory"]["max"] == -(-max(lengths) // 3)
+
+
+def test_pipeline_segment_reports_repaired_and_replaced_llm_answers(
+    tmp_path: Path, fake_server: FakeChatServer, capsys: pytest.CaptureFixture
+) -> None:
+    from hpl_lightning.pipeline import main as pipeline
+
+    trajectories = [five_step(i) for i in ("good", "gap", "prose")]
+    fake_server.answer("task good", "[[0,1],[2,4]]")
+    fake_server.answer("task gap", "[[0,1],[3,4]]")
+    fake_server.answer("task prose", "one sub-goal")
+    write_jsonl(tmp_path / "e.jsonl", [to_json(t) for t in trajectories])
+    options = json.dumps({"base_url": fake_server.base_url, "api_key": "x", "model": "m"})
+    result = pipeline(["segment", "--input", str(tmp_path / "e.jsonl"), "--output", str(tmp_path / "s.jsonl"),
+                       "--segmenter", "semantic_llm", "--options", options])
+    assert (result["llm"]["valid"], result["llm"]["repaired"], result["llm"]["rejected"]) == (1, 1, 1)
+    assert ("semantic_llm: LLM answers: 1 valid, 1 invalid and repaired (gap 1), 1 invalid and replaced by fixed_k "
+            "(unparsable 1)") in capsys.readouterr().out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 
 import pytest
@@ -30,6 +31,31 @@ def test_head_length_covers_the_eto_layout():
     assert head_length(h + turns(random.Random(0), 2)) == 3
     assert head_length([{"role": "system", "content": "s"}, {"role": "user", "content": "q"},
                         {"role": "assistant", "content": "Action: x"}]) == 2
+
+
+@pytest.mark.parametrize("ack", ["OK", "Okay.", "Sure, let's start."])
+def test_head_and_actions_agree_on_where_the_task_statement_ends(ack):
+    """One rule for tokenization (the unscored head) and segmentation (the actions): any short acknowledgement."""
+    from hpl_lightning.segmentation import action_indices, task_statement
+
+    messages = [{"role": "user", "content": "instruction"}, {"role": "assistant", "content": ack},
+                {"role": "user", "content": "the task"}, {"role": "assistant", "content": "Action: a"},
+                {"role": "user", "content": "Observation: o"}, {"role": "assistant", "content": "Action: b"}]
+    assert head_length(messages) == 3 and action_indices(messages) == [3, 5]
+    assert task_statement(messages) == "the task"
+
+
+def test_a_trajectory_without_an_action_after_the_task_statement_is_rejected(tmp_path):
+    from hpl_lightning.schema import DataError, load_records
+
+    bad = {"id": "t", "task": "intercode_sql/1", "reward": 1.0,
+           "messages": [{"role": "user", "content": "instruction"}, {"role": "assistant", "content": "OK"},
+                        {"role": "user", "content": "the task"}]}
+    path = tmp_path / "bad.jsonl"
+    path.write_text(json.dumps({**bad, "id": "fine", "messages": bad["messages"] + [
+        {"role": "assistant", "content": "Action: a"}]}) + "\n" + json.dumps(bad) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl:2: field 'messages': no agent action after the task statement"):
+        load_records(path)
 
 
 def test_truncate_drops_oldest_turns_but_keeps_the_task_statement():
