@@ -282,8 +282,10 @@ class HPLDataModule(L.LightningDataModule):
         trainer = self.trainer
         if trainer is None or self.schedule.unit != "one_pass":
             return
-        n = self.curriculum.n_phases
-        if trainer.max_epochs is None or not 0 < trainer.max_epochs <= n:
+        n, max_epochs = self.curriculum.n_phases, trainer.max_epochs
+        if (max_epochs is None or max_epochs < 0) and trainer.max_steps > 0:
+            return  # limited by steps; should it outrun the pass, the next epoch stops it with the error of phase()
+        if max_epochs is None or not 0 < max_epochs <= n:
             raise ValueError(
                 f"trainer.max_epochs={trainer.max_epochs}: the one-pass schedule (data.schedule.unit=one_pass, the "
                 f"paper's single epoch) has {n} epoch(s), one per curriculum phase; set trainer.max_epochs={n}, or "
