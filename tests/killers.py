@@ -16,5 +16,7 @@ class KillAt(L.Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self.step:
             if self.process_group:
+                if trainer.global_rank != 0:
+                    return  # rank 0 kills the group after its own callbacks ran: what it recorded is deterministic
                 os.killpg(os.getpgid(0), self.signal)
             os.kill(os.getpid(), self.signal)
