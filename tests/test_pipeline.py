@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import pytest
 
@@ -147,7 +147,7 @@ class RaisingEnv(Environment):
 class BoomFirstPolicy(Policy):
     """Answers ``boom`` right after the task statement and ``a3`` anywhere else."""
 
-    def generate(self, conversations: list[Conversation]) -> list[str]:
+    def generate(self, conversations: list[Conversation], keys: Sequence[str] | None = None) -> list[str]:
         return ["Action: boom" if c[-1]["content"] == "task" else "Action: a3" for c in conversations]
 
     def describe(self) -> dict[str, Any]:
