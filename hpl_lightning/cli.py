@@ -57,3 +57,7 @@ def main(args: list[str] | None = None) -> None:
     except DataError as e:
         print(f"error: invalid data: {e}", file=sys.stderr)
         sys.exit(2)
+
+
+if __name__ == "__main__":  # python -m hpl_lightning.cli fit ... (what the experiment runner starts per run)
+    main()

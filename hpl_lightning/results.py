@@ -1,0 +1,194 @@
+"""An experiment's results from its evaluation episodes: ``results.json`` (every per-episode record, the table, the
+comparisons), ``results.md`` (the paper-style table, paired comparisons, per-task-type breakdown) and
+``results.png`` (bars with confidence intervals).
+
+Statistics (see :mod:`hpl_lightning.stats`): an arm's number on a split is the mean over its distinct evaluations
+(one per seed; arms without a preference stage and greedy evaluation have one) of the evaluation's average over
+tasks, ± the Student-t half-width; comparisons pair the two arms' rewards on the same (seed, task) cells and
+bootstrap over tasks and seeds. Episodes whose environment crashed are never in a finished evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from hpl_lightning.stats import Interval, mean_ci, paired_bootstrap
+
+BASELINES = ("sft", "eto")
+METRICS = ("reward", "success")
+
+
+def collect(evals: Mapping[tuple[str, int, str], tuple[str, Path]]) -> list[dict[str, Any]]:
+    """One record per (arm, seed, split, task) from ``(arm, seed, split) -> (evaluation key, episodes.jsonl)``."""
+    records = []
+    for (arm, seed, split), (key, path) in evals.items():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            e = json.loads(line)
+            if e.get("error") is None:
+                records.append({"arm": arm, "seed": seed, "split": split, "evaluation": key, "task": e["id"],
+                                "group": e["group"], "reward": float(e["reward"]), "success": float(e["success"])})
+    return records
+
+
+def per_evaluation(records: Sequence[dict[str, Any]], metric: str, group: str | None = None) -> dict[
+        tuple[str, str], list[float]]:
+    """(arm, split) -> the metric's task average of each distinct evaluation (optionally one task group only)."""
+    sums: dict[tuple[str, str, str], list[float]] = defaultdict(list)
+    seen: set[tuple[str, str, str, str]] = set()
+    for r in records:
+        if group is not None and r["group"] != group:
+            continue
+        cell = (r["arm"], r["split"], r["evaluation"], r["task"])
+        if cell in seen:  # a shared evaluation is listed under every seed; count it once
+            continue
+        seen.add(cell)
+        sums[(r["arm"], r["split"], r["evaluation"])].append(r[metric])
+    out: dict[tuple[str, str], list[float]] = defaultdict(list)
+    for (arm, split, _), values in sorted(sums.items()):
+        out[(arm, split)].append(sum(values) / len(values))
+    return dict(out)
+
+
+def table(records: Sequence[dict[str, Any]], confidence: float, group: str | None = None) -> dict[str, Any]:
+    """{arm: {split: {metric: Interval, "tasks": n}}}."""
+    out: dict[str, Any] = defaultdict(dict)
+    tasks: dict[tuple[str, str], set[str]] = defaultdict(set)
+    for r in records:
+        if group is None or r["group"] == group:
+            tasks[(r["arm"], r["split"])].add(r["task"])
+    for metric in METRICS:
+        for (arm, split), values in per_evaluation(records, metric, group).items():
+            out[arm].setdefault(split, {"tasks": len(tasks[(arm, split)])})[metric] = mean_ci(values, confidence)
+    return dict(out)
+
+
+def comparisons(records: Sequence[dict[str, Any]], arms: Sequence[str], resamples: int,
+                confidence: float) -> list[dict[str, Any]]:
+    """Each arm against each baseline present (sft, eto), per split and metric, paired on (seed, task)."""
+    cells: dict[tuple[str, str, str], dict[tuple[int, str], float]] = defaultdict(dict)
+    for r in records:
+        for metric in METRICS:
+            cells[(r["arm"], r["split"], metric)][(r["seed"], r["task"])] = r[metric]
+    splits = sorted({r["split"] for r in records})
+    out = []
+    for baseline in BASELINES:
+        if baseline not in arms:
+            continue
+        for arm in arms:
+            if arm == baseline:
+                continue
+            for split in splits:
+                row: dict[str, Any] = {"arm": arm, "baseline": baseline, "split": split}
+                for metric in METRICS:
+                    c = paired_bootstrap(cells[(arm, split, metric)], cells[(baseline, split, metric)], resamples,
+                                         seed=0, confidence=confidence)
+                    row[metric] = {"diff": c.diff, "low": c.low, "high": c.high, "p_value": c.p_value,
+                                   "tasks": c.n_tasks, "seeds": c.n_seeds}
+                out.append(row)
+    return out
+
+
+def _pct(ci: Interval) -> str:
+    hw = "—" if math.isnan(ci.half_width) else f"{100 * ci.half_width:.1f}"
+    return f"{100 * ci.mean:.1f} ± {hw}"
+
+
+def format_markdown(title: str, arms: Sequence[str], splits: Sequence[str], main: dict[str, Any],
+                    compared: list[dict[str, Any]], groups: dict[str, dict[str, Any]], confidence: float,
+                    resamples: int) -> str:
+    level = f"{round(100 * confidence)}%"
+    lines = [f"# {title}", "",
+             f"Mean ± {level} CI (Student t) over seeds; rewards and success rates in percent; n = evaluations "
+             "(seeds; one where the model and greedy evaluation are shared) x tasks.", "",
+             "| arm | " + " | ".join(f"{s} reward | {s} success | {s} n" for s in splits) + " |",
+             "|---|" + "---|---|---|" * len(splits)]
+    for arm in arms:
+        cells = []
+        for split in splits:
+            s = main.get(arm, {}).get(split)
+            cells += [_pct(s["reward"]), _pct(s["success"]), f"{s['reward'].n}x{s['tasks']}"] if s else ["-"] * 3
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    if compared:
+        lines += ["", f"## Paired comparisons (bootstrap over tasks and seeds, {resamples} resamples)", "",
+                  f"| arm | vs | split | Δ reward [{level} CI] | p | Δ success [{level} CI] | p | tasks x seeds |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for c in compared:
+            r, s = c["reward"], c["success"]
+            lines.append(f"| {c['arm']} | {c['baseline']} | {c['split']} | {100 * r['diff']:+.1f} "
+                         f"[{100 * r['low']:+.1f}, {100 * r['high']:+.1f}] | {r['p_value']:.3f} | "
+                         f"{100 * s['diff']:+.1f} [{100 * s['low']:+.1f}, {100 * s['high']:+.1f}] | "
+                         f"{s['p_value']:.3f} | {r['tasks']}x{r['seeds']} |")
+    for split in splits:
+        names = sorted(groups.get(split, {}))
+        if not names:
+            continue
+        lines += ["", f"## {split}: average reward per task type (mean ± {level} CI over seeds)", "",
+                  "| task type | " + " | ".join(arms) + " |", "|---|" + "---|" * len(arms)]
+        for g in names:
+            row = [(_pct(groups[split][g][a][split]["reward"]) if a in groups[split][g] else "-") for a in arms]
+            lines.append(f"| {g} | " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(path: Path, arms: Sequence[str], splits: Sequence[str], main: dict[str, Any], title: str) -> None:
+    """Bars of average reward and success rate per arm, one panel per split and metric, CI whiskers."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(METRICS), len(splits), figsize=(max(6, 1.0 * len(arms)) * len(splits), 7),
+                             squeeze=False)
+    for j, split in enumerate(splits):
+        for i, metric in enumerate(METRICS):
+            ax = axes[i][j]
+            cis = [main.get(a, {}).get(split, {}).get(metric) for a in arms]
+            means = [100 * c.mean if c else 0.0 for c in cis]
+            errors = [0.0 if c is None or math.isnan(c.half_width) else 100 * c.half_width for c in cis]
+            ax.bar(range(len(arms)), means, yerr=errors, capsize=4, color="tab:blue")
+            ax.set_xticks(range(len(arms)), arms, rotation=35, ha="right", fontsize=8)
+            ax.set(ylabel=f"{'average reward' if metric == 'reward' else 'success rate'} (%)", ylim=(0, 100),
+                   title=f"{split}: {metric}")
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def _json_table(t: dict[str, Any]) -> dict[str, Any]:
+    def ci(x: Any) -> Any:
+        if isinstance(x, Interval):
+            return {"mean": x.mean, "half_width": None if math.isnan(x.half_width) else x.half_width, "n": x.n}
+        return x
+
+    return {arm: {split: {k: ci(v) for k, v in cells.items()} for split, cells in splits.items()}
+            for arm, splits in t.items()}
+
+
+def write_results(root: Path, title: str, arms: Sequence[str], splits: Sequence[str],
+                  evals: Mapping[tuple[str, int, str], tuple[str, Path]], resamples: int,
+                  confidence: float, config: dict[str, Any]) -> dict[str, Any]:
+    """Writes results.json, results.md and results.png to ``root`` and returns what results.json holds."""
+    records = collect(evals)
+    main = table(records, confidence)
+    compared = comparisons(records, arms, resamples, confidence)
+    group_names = {split: sorted({r["group"] for r in records if r["split"] == split}) for split in splits}
+    groups = {split: {g: table([r for r in records if r["split"] == split], confidence, g) for g in names}
+              for split, names in group_names.items()}
+    (root / "results.md").write_text(format_markdown(title, arms, splits, main, compared, groups, confidence,
+                                                     resamples))
+    plot(root / "results.png", arms, splits, main, title)
+    result = {"config": config, "confidence": confidence, "arms": list(arms), "splits": list(splits),
+              "table": _json_table(main), "comparisons": compared,
+              "per_task_type": {s: {g: _json_table(t) for g, t in gs.items()} for s, gs in groups.items()},
+              "episodes": records}
+    (root / "results.json").write_text(json.dumps(result, indent=1) + "\n")
+    print((root / "results.md").read_text())
+    print(f"results -> {root / 'results.md'}, {root / 'results.json'}, {root / 'results.png'}")
+    return result
