@@ -364,6 +364,7 @@ class Experiment:
         self.arm_names = list(arms if arms is not None else ["sft", "eto", "ipr", "hpl-semantic_embedding"])
         self.custom_arms = dict(custom_arms or {})
         self.seeds = list(seeds if seeds is not None else [0])
+        self._check_segmenters()
         self.recipes = {name: self._recipe(i, name) for i, name in enumerate(self.arm_names)}
         if not self.seeds or len(set(self.seeds)) != len(self.seeds):
             raise ValueError(f"seeds: expected distinct seeds, got {self.seeds}")
@@ -371,6 +372,19 @@ class Experiment:
             raise ValueError(f"arms: {self.arm_names} names an arm twice")
 
     # -- arms ----------------------------------------------------------------------------------------------------
+    def _check_segmenters(self) -> None:
+        """Unknown segmenters or option names fail here, before any stage runs (building one may load a model)."""
+        from dataclasses import fields
+
+        from hpl_lightning.segmentation import SEGMENTERS
+
+        for name, options in self.segmenters.items():
+            if name not in SEGMENTERS:
+                raise ValueError(f"segmenters.{name}: unknown segmenter; expected one of {sorted(SEGMENTERS)}")
+            unknown = set(options) - {f.name for f in fields(SEGMENTERS[name].config_class)}
+            if unknown:
+                raise ValueError(f"segmenters.{name}: unknown options {sorted(unknown)}")
+
     def _recipe(self, i: int, name: str) -> Recipe:
         where = f"arms[{i}] ({name!r})"
         if name in self.custom_arms:
@@ -458,7 +472,7 @@ class Experiment:
 
         for lineage in lineages:
             seed = self.sft_cfg.seed if lineage is None else lineage
-            tag = "shared" if lineage is None else f"s{lineage}"
+            tag = f"sft{seed}"  # the same directory for the same SFT model, shared or per seed
             sft[lineage] = add(Stage("sft", tag, {"model": self.model, "training": training,
                                                   "options": flatten(self.sft_cfg.options), "seed": seed},
                                      [experts], root))

@@ -1,0 +1,211 @@
+"""The experiment runner (`python -m hpl_lightning.experiment`): arms, plan and shards without any model, then the
+whole runner on ScienceWorld with hpl-tiny (2 arms x 2 seeds), killed after a fixed number of stages, resumed,
+evaluated in two shards, and its table recomputed from the per-episode records."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats as scipy_stats
+
+from hpl_lightning.envs.sciworld import DEFAULT_SPLITS
+from hpl_lightning.experiment import (
+    KILL_AFTER_ENV,
+    SFT,
+    Experiment,
+    Shard,
+    builtin_recipe,
+    flatten,
+    main,
+    merge_shards,
+    unflatten,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+# ------------------------------------------------------------------------------------------------ no model
+def test_builtin_arms_differ_only_in_their_objective() -> None:
+    segs = ["fixed_k", "semantic_embedding"]
+    assert builtin_recipe("sft", segs, "semantic_embedding").levels == ()
+    assert builtin_recipe("eto", segs, "semantic_embedding").levels == ("trajectory",)
+    assert builtin_recipe("ipr", segs, "semantic_embedding").levels == ("trajectory", "step")
+    fixed = builtin_recipe("hpl-fixed_k", segs, "semantic_embedding")
+    assert fixed.segmenter == "fixed_k" and fixed.levels == ("trajectory", "step", "group")
+    static = builtin_recipe("hpl-static", segs, "semantic_embedding")
+    assert static.segmenter == "semantic_embedding" and static.options["data.curriculum.mode"] == "static"
+    assert builtin_recipe("hpl-no-group", segs, "fixed_k").options["model.weights.group"] == 0.0
+    assert builtin_recipe("hpl-uncertainty", segs, "fixed_k") is None  # not a configured segmenter
+
+
+def test_options_merge_nested_and_dotted_keys() -> None:
+    flat = flatten({"model": {"optim": {"lr": 1e-5}}, "data.batch_size": 2,
+                    "trainer": {"logger": {"class_path": "X", "init_args": {"a": 1}}}})
+    assert flat == {"model.optim.lr": 1e-5, "data.batch_size": 2,
+                    "trainer.logger": {"class_path": "X", "init_args": {"a": 1}}}
+    assert unflatten(flat)["model"] == {"optim": {"lr": 1e-5}}
+
+
+def test_plan_shares_sft_and_exploration_and_hashes_by_config(tmp_path: Path) -> None:
+    def plan(**kw):
+        return Experiment(str(tmp_path), segmenters={"fixed_k": {}, "fixed_n": {}}, ablation_segmenter="fixed_k",
+                          arms=["sft", "eto", "ipr", "hpl-fixed_k", "hpl-fixed_n", "hpl-static"], seeds=[0, 1, 2],
+                          **kw).plan()
+
+    p = plan()
+    kinds = [s.kind for s in p.stages]
+    assert kinds.count("sft") == 1 and kinds.count("explore") == 1 and kinds.count("explore_group") == 2
+    assert kinds.count("train") == 5 * 3  # every arm but sft, per seed
+    # sft: one model, greedy evaluation -> one evaluation per split shared by the seeds
+    assert len({p.evals[("sft", s, "dev")].key for s in (0, 1, 2)}) == 1
+    assert len({p.evals[("eto", s, "dev")].key for s in (0, 1, 2)}) == 3
+    # hpl-fixed_k and hpl-static read the same pairs; eto and ipr do not need groups
+    assert p.runs[("hpl-fixed_k", 0)].deps[0] is p.runs[("hpl-static", 0)].deps[0]
+    assert p.runs[("eto", 0)].deps[0].deps[0] is p.experts
+    per_seed = plan(sft=SFT(per_seed=True))
+    assert [s.kind for s in per_seed.stages].count("sft") == 3
+    assert per_seed.experts.key == p.experts.key  # unchanged inputs, unchanged hash
+    assert per_seed.runs[("eto", 0)].dir == p.runs[("eto", 0)].dir  # seed 0's SFT model is the shared one
+    assert per_seed.runs[("eto", 1)].key != p.runs[("eto", 1)].key  # a new SFT model feeds new runs
+    with pytest.raises(ValueError, match=r"arms\[1\] \('hpl-jaccard'\): unknown arm"):
+        Experiment(str(tmp_path), arms=["sft", "hpl-jaccard"])
+
+
+def test_shards_partition_the_tasks_and_the_merge_checks_them() -> None:
+    ids = [f"t{i}" for i in range(7)]
+    parts = [Shard.parse(f"{k}/3").select(ids) for k in range(3)]
+    assert sorted(sum(parts, [])) == sorted(ids) and all(parts)
+    records = {k: (p, [{"id": t} for t in p]) for k, p in enumerate(parts)}
+    assert sorted(r["id"] for r in merge_shards(records, 3, ids, "id")) == sorted(ids)
+    with pytest.raises(ValueError, match=r"shards \[2\] of 3 are not finished"):
+        merge_shards({k: records[k] for k in (0, 1)}, 3, ids, "id")
+    with pytest.raises(ValueError, match="is in shards 0 and 1"):
+        merge_shards({0: records[0], 1: (parts[1] + parts[0][:1], []), 2: records[2]}, 3, ids, "id")
+    with pytest.raises(ValueError, match="not its task"):
+        merge_shards({0: (parts[0], [{"id": parts[1][0]}]), 1: records[1], 2: records[2]}, 3, ids, "id")
+    with pytest.raises(ValueError, match="expected K/N"):
+        Shard.parse("3")
+
+
+@pytest.mark.parametrize("config", sorted((REPO / "configs" / "experiments").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_experiment_configs_plan(config: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    if "sciworld" in config.name and not DEFAULT_SPLITS.exists():
+        pytest.skip("ScienceWorld splits.json not found")
+    main(["-c", str(config), "--output_dir", str(tmp_path), "--dry_run"])
+    out = capsys.readouterr().out
+    assert "arms:" in out and "rough total" in out and not list(tmp_path.iterdir())  # a dry run writes nothing
+
+
+# ------------------------------------------------------------------------------------------------ the CI toy experiment
+def _toy_config(tmp: Path) -> Path:
+    protocol = json.loads(DEFAULT_SPLITS.read_text())
+    types = ["lifespan-longest-lived", "lifespan-shortest-lived"]
+    protocol["max_steps"] = {k: (3 if k in types else v) for k, v in protocol["max_steps"].items()}  # short episodes
+    protocol["splits"]["train"] = [["lifespan-longest-lived", 2], ["lifespan-shortest-lived", 40]]  # 3-action gold
+    (tmp / "splits.json").write_text(json.dumps(protocol))
+    config = {
+        "output_dir": str(tmp / "exp"),
+        "model": "hpl-tiny",
+        "benchmark": {"name": "sciworld", "splits_file": str(tmp / "splits.json"), "task_types": types,
+                      "eval_per_type": 1},
+        "training": {"options": {"trainer.accelerator": "cpu", "trainer.max_steps": 2, "data.batch_size": 2,
+                                 "data.max_length": 2048, "trainer.enable_progress_bar": False}},
+        "exploration": {"config": {"mc_samples": 2, "max_negatives": 1, "max_tries": 2, "max_actions": 2,
+                                   "step_stride": 2}, "max_new_tokens": 4, "envs": 2, "threads": 1},
+        "segmenters": {"fixed_k": {"group_size": 2}},
+        "arms": ["sft", "hpl-fixed_k"],
+        "seeds": [0, 1],
+        "evaluation": {"workers": 2, "max_new_tokens": 4, "threads": 1, "bootstrap_resamples": 500},
+    }
+    path = tmp / "experiment.yaml"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def _done_marks(root: Path) -> dict[str, float]:
+    return {str(p.relative_to(root)): p.stat().st_mtime_ns for p in root.glob("*/*/done.json")}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("java") is None or not DEFAULT_SPLITS.exists(),
+                    reason="ScienceWorld needs a Java runtime and the shared splits.json")
+def test_toy_experiment_is_killed_resumed_sharded_and_its_table_recomputes(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = _toy_config(tmp_path)
+    root = tmp_path / "exp"
+    # 1. killed (SIGKILL, by the runner's own hook) right after its 7th stage: the first training run
+    killed = subprocess.run([sys.executable, "-m", "hpl_lightning.experiment", "-c", str(config)], cwd=REPO,
+                            env={**ENV, KILL_AFTER_ENV: "7"}, capture_output=True, text=True, timeout=1200)
+    assert killed.returncode == -9, killed.stderr[-3000:]
+    first = _done_marks(root)
+    assert sorted(k.split("/")[0] for k in first) == sorted(
+        ["experts", "sft", "segment", "explore", "explore_group", "pairs", "train"])
+    assert "[1/14] experts" in killed.stdout and "[8/14]" not in killed.stdout
+
+    # 2. resumed up to evaluation: nothing finished runs again
+    main(["-c", str(config), "--stop_before", "evaluate"])
+    out = capsys.readouterr().out
+    assert out.count("done earlier") == 7 and "stopping before evaluate" in out
+    assert {k: v for k, v in _done_marks(root).items() if k in first} == first
+    assert len(list(root.glob("train/*/done.json"))) == 2
+
+    # 3. evaluation in two shards, then the merge and the results
+    for k in (0, 1):
+        main(["-c", str(config), "--shard", f"{k}/2", "--stage", "evaluate"])
+    capsys.readouterr()
+    shards = sorted(root.glob("evaluate/*/shards/*/done.json"))
+    assert len(shards) == 2 * 6  # 6 evaluations: sft shared by both seeds, 2 seeds of hpl-fixed_k, 2 splits each
+    result = main(["-c", str(config)])
+    out = capsys.readouterr().out
+    assert out.count("merged 2 shards") == 6 and out.count("done earlier") == 8
+
+    # 4. once more: everything is done, nothing runs
+    marks = _done_marks(root)
+    main(["-c", str(config)])
+    out = capsys.readouterr().out
+    assert out.count("done earlier") == 14 and "running" not in out and _done_marks(root) == marks
+
+    # every expected file
+    for name in ("results.md", "results.json", "results.png", "plan.json"):
+        assert (root / name).is_file()
+    assert (next(root.glob("sft/*")) / "model" / "config.json").is_file()
+    assert all((d / "ckpt" / "last.ckpt").is_file() for d in root.glob("train/*"))
+    assert all((d / "episodes.jsonl").is_file() for d in root.glob("evaluate/*"))
+
+    # the table, recomputed from the per-episode records of results.json
+    saved = json.loads((root / "results.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    per_eval: dict[tuple[str, str], dict[str, list[float]]] = defaultdict(lambda: defaultdict(list))
+    for r in saved["episodes"]:
+        per_eval[(r["arm"], r["split"])][(r["evaluation"], r["seed"])].append(r["reward"])
+    md = (root / "results.md").read_text()
+    for arm in ("sft", "hpl-fixed_k"):
+        for split in ("dev", "test"):
+            by_eval: dict[str, list[float]] = {}
+            for (key, _), rewards in per_eval[(arm, split)].items():
+                by_eval[key] = rewards  # a shared evaluation appears once per seed with the same rewards
+            means = np.array([np.mean(v) for v in by_eval.values()])
+            assert all(len(v) == 2 for v in by_eval.values())  # one task per type and split
+            cell = saved["table"][arm][split]["reward"]
+            assert cell["n"] == len(means) == (1 if arm == "sft" else 2)
+            assert cell["mean"] == pytest.approx(means.mean())
+            if len(means) > 1:
+                half = scipy_stats.t.ppf(0.975, len(means) - 1) * means.std(ddof=1) / math.sqrt(len(means))
+                assert cell["half_width"] == pytest.approx(half)
+                assert f"{100 * means.mean():.1f} ± {100 * half:.1f}" in md
+            else:
+                assert cell["half_width"] is None and f"{100 * means.mean():.1f} ± —" in md
+    (comparison,) = [c for c in saved["comparisons"] if c["split"] == "dev"]
+    assert comparison["arm"] == "hpl-fixed_k" and comparison["baseline"] == "sft"
+    assert comparison["reward"]["tasks"] == 2 and comparison["reward"]["seeds"] == 2
+    assert set(saved["per_task_type"]["dev"]) == {"lifespan-longest-lived", "lifespan-shortest-lived"}
