@@ -511,8 +511,8 @@ class Experiment:
                 sampling = self.evaluation.temperature > 0
                 params = {**asdict(self.evaluation), **backend, "split": split, "protocol": data_id,
                           "env_kwargs": b.env_kwargs, "sampling_seed": seed_ if sampling else None}
-                label = f"{'sft' if run.kind == 'sft' else arm}-{split}" + (f"-s{seed_}" if sampling else "")
-                evals[(arm, seed_, split)] = add(Stage("evaluate", f"{label}-{run.label}", params, [run], root))
+                label = f"{run.label}-{split}" + (f"-sampling{seed_}" if sampling else "")
+                evals[(arm, seed_, split)] = add(Stage("evaluate", label, params, [run], root))
         order = {k: i for i, k in enumerate(STAGE_KINDS)}
         stages.sort(key=lambda s: order[s.kind])  # stable: each kind in creation order, dependencies first
         return Plan(stages, experts, sft, runs, evals, splits_file, train_tasks, eval_tasks)
@@ -805,10 +805,9 @@ class Experiment:
         (run,) = st.deps
         split, ev = st.params["split"], self.evaluation
         kwargs = self._env_kwargs(plan)
-        all_ids = self.eval_task_ids(split, plan, kwargs)
         if shard is None and (st.dir / "shards").is_dir():
-            return self._merge(st, all_ids, EPISODES_FILE, "id")
-        ids = shard.select(all_ids) if shard is not None else all_ids
+            return self._merge(st, self.eval_task_ids(split, plan, kwargs), EPISODES_FILE, "id")
+        ids = shard.select(self.eval_task_ids(split, plan, kwargs)) if shard is not None else None
         out = st.shard_dir(shard) if shard is not None else st.dir
         seed = st.params["sampling_seed"] or 0
         model = run.dir / "model"
@@ -824,8 +823,9 @@ class Experiment:
             else:
                 policy = LocalPolicy(name, max_new_tokens=ev.max_new_tokens, temperature=ev.temperature,
                                      batch_size=ev.batch_size, seed=seed, threads=ev.threads, **self._policy_kwargs())
-            summary = evaluate(policy, self.benchmark.name, split, out, workers=ev.workers, task_ids=ids,
-                               env_kwargs=kwargs, progress=False)
+            summary = evaluate(policy, self.benchmark.name, split, out, workers=ev.workers,
+                               limit=ev.limit if ids is None else None, task_ids=ids, env_kwargs=kwargs,
+                               progress=False)
         if not summary["complete"]:
             raise RuntimeError(f"evaluation {st.label}: {summary['failed']} episode(s) failed (environment crashed); "
                                "run again to retry them")

@@ -125,7 +125,7 @@ def _toy_config(tmp: Path) -> Path:
         "segmenters": {"fixed_k": {"group_size": 2}},
         "arms": ["sft", "hpl-fixed_k"],
         "seeds": [0, 1],
-        "evaluation": {"workers": 2, "max_new_tokens": 4, "threads": 1, "bootstrap_resamples": 500},
+        "evaluation": {"workers": 1, "max_new_tokens": 4, "threads": 1, "bootstrap_resamples": 500},
     }
     path = tmp / "experiment.yaml"
     path.write_text(json.dumps(config))
