@@ -52,6 +52,8 @@ PREFERENCE_LEVELS = ("trajectory", "step", "group")
 STAGE_KINDS = ("experts", "sft", "segment", "explore", "explore_group", "pairs", "train", "evaluate")
 SHARDABLE = ("explore", "evaluate")  # --stage explore shards explore and explore_group stages
 DONE_FILE = "done.json"
+# Evaluation settings that change how results are summarised or how fast, not the episodes: not part of the hash.
+STATISTICS_ONLY = ("bootstrap_resamples", "confidence", "threads")
 KILL_AFTER_ENV = "HPL_EXPERIMENT_KILL_AFTER"  # testing hook: SIGKILL the runner after this many stages ran
 
 
@@ -509,7 +511,8 @@ class Experiment:
         for (arm, seed_), run in runs.items():
             for split in b.eval_splits:
                 sampling = self.evaluation.temperature > 0
-                params = {**asdict(self.evaluation), **backend, "split": split, "protocol": data_id,
+                settings = {k: v for k, v in asdict(self.evaluation).items() if k not in STATISTICS_ONLY}
+                params = {**settings, **backend, "split": split, "protocol": data_id,
                           "env_kwargs": b.env_kwargs, "sampling_seed": seed_ if sampling else None}
                 label = f"{run.label}-{split}" + (f"-sampling{seed_}" if sampling else "")
                 evals[(arm, seed_, split)] = add(Stage("evaluate", label, params, [run], root))

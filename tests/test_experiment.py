@@ -21,6 +21,7 @@ from hpl_lightning.envs.sciworld import DEFAULT_SPLITS
 from hpl_lightning.experiment import (
     KILL_AFTER_ENV,
     SFT,
+    Evaluation,
     Experiment,
     Shard,
     builtin_recipe,
@@ -77,6 +78,11 @@ def test_plan_shares_sft_and_exploration_and_hashes_by_config(tmp_path: Path) ->
     assert per_seed.experts.key == p.experts.key  # unchanged inputs, unchanged hash
     assert per_seed.runs[("eto", 0)].dir == p.runs[("eto", 0)].dir  # seed 0's SFT model is the shared one
     assert per_seed.runs[("eto", 1)].key != p.runs[("eto", 1)].key  # a new SFT model feeds new runs
+    # statistics settings do not re-run evaluations; generation settings do
+    keys = {s.key for s in p.stages}
+    assert keys == {s.key for s in plan(evaluation=Evaluation(bootstrap_resamples=99, confidence=0.9)).stages}
+    longer = {s.key for s in plan(evaluation=Evaluation(max_new_tokens=7)).stages}
+    assert {s.kind for s in p.stages if s.key not in longer} == {"evaluate"}
     with pytest.raises(ValueError, match=r"arms\[1\] \('hpl-jaccard'\): unknown arm"):
         Experiment(str(tmp_path), arms=["sft", "hpl-jaccard"])
 
