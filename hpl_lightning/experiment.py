@@ -178,7 +178,7 @@ def builtin_recipe(name: str, segmenters: Sequence[str], ablation_segmenter: str
     ablations = {
         "hpl": {},
         "hpl-no-group": {"model.weights.group": 0.0},  # same data and batches as HPL, group loss off
-        "hpl-static": {"data.curriculum.mode": "static"},
+        "hpl-static": {"data.curriculum.mode": "static", "trainer.max_epochs": 1},  # one phase = one epoch
         "hpl-length-only": {"data.curriculum.mode": "length"},
         "hpl-difficulty-only": {"data.curriculum.mode": "difficulty"},
     }
