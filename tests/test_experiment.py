@@ -215,3 +215,30 @@ def test_toy_experiment_is_killed_resumed_sharded_and_its_table_recomputes(
     assert comparison["arm"] == "hpl-fixed_k" and comparison["baseline"] == "sft"
     assert comparison["reward"]["tasks"] == 2 and comparison["reward"]["seeds"] == 2
     assert set(saved["per_task_type"]["dev"]) == {"lifespan-longest-lived", "lifespan-shortest-lived"}
+
+
+def test_a_served_policy_is_started_for_its_model_and_stopped_after(tmp_path: Path) -> None:
+    """serving.command: the runner starts the server for a model directory, waits until /models answers, names the
+    model, and stops the server (its whole process group) when the stage ends."""
+    import socket
+    import urllib.request
+
+    from hpl_lightning.experiment import Serving
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "www" / "v1" / "models").mkdir(parents=True)
+    model = tmp_path / "run" / "model"
+    model.mkdir(parents=True)
+    serving = Serving(base_url=f"http://127.0.0.1:{port}/v1", startup_timeout=60,
+                      command=f"cd {tmp_path / 'www'} && exec {sys.executable} -m http.server {{port}} "
+                              "--bind 127.0.0.1  # {model} {name}")
+    experiment = Experiment(str(tmp_path / "exp"), serving=serving)
+    with experiment._served(model) as (name, base_url):
+        assert name == str(model) and base_url == serving.base_url
+        with urllib.request.urlopen(f"{base_url}/models", timeout=5) as answer:
+            assert answer.status == 200
+    with pytest.raises(OSError):
+        urllib.request.urlopen(f"{serving.base_url}/models", timeout=5)
+    assert "GET /v1/models" in (tmp_path / "run" / "server.log").read_text()
