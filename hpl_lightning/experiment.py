@@ -536,7 +536,8 @@ class Experiment:
         }
         total = 0.0
         known = True
-        lines = [f"experiment {self.root}: {len(self.arm_names)} arms x {len(self.seeds)} seeds on {self.benchmark.name} "
+        lines = [f"experiment {self.root}: {len(self.arm_names)} arms x {len(self.seeds)} seeds on "
+                 f"{self.benchmark.name} "
                  f"({n_train if n_train is not None else '?'} training tasks; evaluation "
                  + ", ".join(f"{s}: {n if n is not None else 'all'} tasks" for s, n in plan.eval_tasks.items()) + ")",
                  f"arms: {', '.join(self.arm_names)}; seeds: {self.seeds}; SFT models: {counts['sft']}"]
@@ -663,13 +664,15 @@ class Experiment:
             done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT)
         if done.returncode != 0:
             tail = (st.dir / "train.log").read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"training {st.label} failed (exit {done.returncode}); log {st.dir / 'train.log'}:\n{tail}")
+            raise RuntimeError(
+                f"training {st.label} failed (exit {done.returncode}); log {st.dir / 'train.log'}:\n{tail}")
         ckpt = st.dir / "ckpt" / "last.ckpt"
         if not ckpt.is_file():
             raise RuntimeError(f"training {st.label} ended without {ckpt}")
         return ckpt
 
-    def _run_options(self, st: Stage, policy: str, train_path: str, seed: int, recipe: dict[str, Any]) -> dict[str, Any]:
+    def _run_options(self, st: Stage, policy: str, train_path: str, seed: int,
+                     recipe: dict[str, Any]) -> dict[str, Any]:
         owned = {  # the runner decides where things go and what the seed is
             "seed_everything": seed,
             "model.policy": policy,
@@ -818,7 +821,8 @@ class Experiment:
             from hpl_lightning.export import export
 
             export(str(run.dir / "ckpt" / "last.ckpt"), str(model))
-        policy_path = model if run.kind == "sft" or self.serving.base_url is not None else run.dir / "ckpt" / "last.ckpt"
+        served = self.serving.base_url is not None
+        policy_path = model if run.kind == "sft" or served else run.dir / "ckpt" / "last.ckpt"
         with self._served(policy_path) as (name, base_url):
             if base_url is not None:
                 policy = OpenAIPolicy(name, base_url=base_url, temperature=ev.temperature,
