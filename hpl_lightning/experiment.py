@@ -604,6 +604,7 @@ class Experiment:
             t0 = time.perf_counter()
             print(f"{head}: running -> {st.dir.relative_to(self.root)}", flush=True)
             result = getattr(self, f"_{st.kind}")(st, plan, shard)
+            self._release_device()
             seconds = time.perf_counter() - t0
             target = (st.shard_dir(shard) if shard is not None else st.dir) / DONE_FILE
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -627,6 +628,16 @@ class Experiment:
         title = f"{self.benchmark.name}: {self.model}, {len(self.seeds)} seed(s)"
         return write_results(self.root, title, self.arm_names, self.benchmark.eval_splits, evals,
                              self.evaluation.bootstrap_resamples, self.evaluation.confidence, config)
+
+    def _release_device(self) -> None:
+        """Returns the GPU memory an in-process stage cached, so the next training subprocess finds it free."""
+        if self.device.startswith("cuda"):
+            import gc
+
+            import torch
+
+            gc.collect()
+            torch.cuda.empty_cache()
 
     # -- stages --------------------------------------------------------------------------------------------------
     def _env_kwargs(self, plan: Plan) -> dict[str, Any]:
