@@ -626,8 +626,12 @@ class Experiment:
                   "arms": {a: asdict(r) for a, r in self.recipes.items()}, "seeds": self.seeds,
                   "evaluation": asdict(self.evaluation), "pairs": asdict(self.pair_filters)}
         title = f"{self.benchmark.name}: {self.model}, {len(self.seeds)} seed(s)"
+        seconds: dict[str, float] = defaultdict(float)  # wall time per stage kind (shards summed), from done.json
+        for st in plan.stages:
+            for marker in [st.dir / DONE_FILE, *st.dir.glob(f"shards/*/{DONE_FILE}")]:
+                seconds[st.kind] += json.loads(marker.read_text())["seconds"]
         return write_results(self.root, title, self.arm_names, self.benchmark.eval_splits, evals,
-                             self.evaluation.bootstrap_resamples, self.evaluation.confidence, config)
+                             self.evaluation.bootstrap_resamples, self.evaluation.confidence, config, dict(seconds))
 
     def _release_device(self) -> None:
         """Returns the GPU memory an in-process stage cached, so the next training subprocess finds it free."""

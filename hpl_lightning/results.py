@@ -173,20 +173,24 @@ def _json_table(t: dict[str, Any]) -> dict[str, Any]:
 
 def write_results(root: Path, title: str, arms: Sequence[str], splits: Sequence[str],
                   evals: Mapping[tuple[str, int, str], tuple[str, Path]], resamples: int,
-                  confidence: float, config: dict[str, Any]) -> dict[str, Any]:
-    """Writes results.json, results.md and results.png to ``root`` and returns what results.json holds."""
+                  confidence: float, config: dict[str, Any], seconds: dict[str, float]) -> dict[str, Any]:
+    """Writes results.json, results.md and results.png to ``root`` and returns what results.json holds.
+    ``seconds``: wall time per stage kind (summed over its stages and shards)."""
     records = collect(evals)
     main = table(records, confidence)
     compared = comparisons(records, arms, resamples, confidence)
     group_names = {split: sorted({r["group"] for r in records if r["split"] == split}) for split in splits}
     groups = {split: {g: table([r for r in records if r["split"] == split], confidence, g) for g in names}
               for split, names in group_names.items()}
+    timing = ["", "## Wall time per stage (this machine, summed over runs and shards)", "",
+              "| stage | minutes |", "|---|---|", *(f"| {k} | {v / 60:.1f} |" for k, v in seconds.items())]
     (root / "results.md").write_text(format_markdown(title, arms, splits, main, compared, groups, confidence,
-                                                     resamples))
+                                                     resamples) + "\n".join(timing) + "\n")
     plot(root / "results.png", arms, splits, main, title)
     result = {"config": config, "confidence": confidence, "arms": list(arms), "splits": list(splits),
               "table": _json_table(main), "comparisons": compared,
               "per_task_type": {s: {g: _json_table(t) for g, t in gs.items()} for s, gs in groups.items()},
+              "stage_seconds": seconds,
               "episodes": records}
     (root / "results.json").write_text(json.dumps(result, indent=1) + "\n")
     print((root / "results.md").read_text())

@@ -182,6 +182,8 @@ def test_toy_experiment_is_killed_resumed_sharded_and_its_table_recomputes(
     assert out.count("done earlier") == 14 and "running" not in out and _done_marks(root) == marks
 
     # every expected file
+    assert set(result["stage_seconds"]) == {"experts", "sft", "segment", "explore", "explore_group", "pairs", "train",
+                                            "evaluate"}
     for name in ("results.md", "results.json", "results.png", "plan.json"):
         assert (root / name).is_file()
     assert (next(root.glob("sft/*")) / "model" / "config.json").is_file()
