@@ -31,8 +31,10 @@ def collect(evals: Mapping[tuple[str, int, str], tuple[str, Path]]) -> list[dict
                 continue
             e = json.loads(line)
             if e.get("error") is None:
+                valid = e.get("valid")  # per-turn valid-action flags, where the evaluation records them
                 records.append({"arm": arm, "seed": seed, "split": split, "evaluation": key, "task": e["id"],
-                                "group": e["group"], "reward": float(e["reward"]), "success": float(e["success"])})
+                                "group": e["group"], "reward": float(e["reward"]), "success": float(e["success"]),
+                                "turns": e["turns"], "valid_actions": sum(valid) / len(valid) if valid else None})
     return records
 
 
