@@ -793,7 +793,7 @@ class Experiment:
         from hpl_lightning import pipeline
 
         st.dir.mkdir(parents=True, exist_ok=True)
-        reference = str(st.deps[1].dir / "model") if len(st.deps) > 1 else self.model
+        reference = str(st.deps[1].dir / "model") if len(st.deps) > 1 else None  # uncertainty: pi_ref = SFT
         return pipeline.segment(str(plan.experts.dir / "experts.jsonl"), str(st.dir / "segmented.jsonl"),
                                 st.params["segmenter"], st.params["options"], reference=reference,
                                 dtype=self.dtype, device=self.device)
