@@ -52,6 +52,8 @@ PREFERENCE_LEVELS = ("trajectory", "step", "group")
 STAGE_KINDS = ("experts", "sft", "segment", "explore", "explore_group", "pairs", "train", "evaluate")
 SHARDABLE = ("explore", "evaluate")  # --stage explore shards explore and explore_group stages
 DONE_FILE = "done.json"
+# The SFT stage is behaviour cloning on the experts: one curriculum phase (sft.options may override).
+SFT_DEFAULTS = {"data.curriculum.mode": "static"}
 # Evaluation settings that change how results are summarised or how fast, not the episodes: not part of the hash.
 STATISTICS_ONLY = ("bootstrap_resamples", "confidence", "threads")
 KILL_AFTER_ENV = "HPL_EXPERIMENT_KILL_AFTER"  # testing hook: SIGKILL the runner after this many stages ran
@@ -86,7 +88,8 @@ class Training:
 
 @dataclass
 class SFT:
-    """The SFT stage: ``train.py`` options on top of ``training``; ``per_seed``: one SFT model per seed."""
+    """The SFT stage: behaviour cloning on the experts (one curriculum phase, ``SFT_DEFAULTS``) with these
+    ``train.py`` options on top of ``training``; ``per_seed``: one SFT model per seed."""
 
     options: dict[str, Any] = field(default_factory=dict)
     per_seed: bool = False
@@ -476,7 +479,8 @@ class Experiment:
             seed = self.sft_cfg.seed if lineage is None else lineage
             tag = f"sft{seed}"  # the same directory for the same SFT model, shared or per seed
             sft[lineage] = add(Stage("sft", tag, {"model": self.model, "training": training,
-                                                  "options": flatten(self.sft_cfg.options), "seed": seed},
+                                                  "options": {**SFT_DEFAULTS, **flatten(self.sft_cfg.options)},
+                                                  "seed": seed},
                                      [experts], root))
             explore = None
             if base_levels:
@@ -704,7 +708,7 @@ class Experiment:
         from hpl_lightning.export import export
 
         options = self._run_options(st, self.model, str(plan.experts.dir / "experts.jsonl"), st.params["seed"],
-                                    flatten(self.sft_cfg.options))
+                                    st.params["options"])
         options["model.init_seed"] = st.params["seed"]
         ckpt = self._train_process(st, options)
         export(str(ckpt), str(st.dir / "model"))
