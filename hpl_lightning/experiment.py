@@ -52,8 +52,9 @@ PREFERENCE_LEVELS = ("trajectory", "step", "group")
 STAGE_KINDS = ("experts", "sft", "segment", "explore", "explore_group", "pairs", "train", "evaluate")
 SHARDABLE = ("explore", "evaluate")  # --stage explore shards explore and explore_group stages
 DONE_FILE = "done.json"
-# The SFT stage is behaviour cloning on the experts: one curriculum phase (sft.options may override).
-SFT_DEFAULTS = {"data.curriculum.mode": "static"}
+# The SFT stage is behaviour cloning on the experts: one curriculum phase, one pass; sft.options overrides (e.g.
+# three epochs: data.schedule {unit: epochs, length: 3} with trainer.max_epochs 3).
+SFT_DEFAULTS = {"data.curriculum.mode": "static", "trainer.max_epochs": 1}
 # Evaluation settings that change how results are summarised or how fast, not the episodes: not part of the hash.
 STATISTICS_ONLY = ("bootstrap_resamples", "confidence", "threads")
 KILL_AFTER_ENV = "HPL_EXPERIMENT_KILL_AFTER"  # testing hook: SIGKILL the runner after this many stages ran
