@@ -33,7 +33,9 @@ def run(
     task_ids: list[str] | None = None,
     db_url: str | None = None,
     env_kwargs: dict[str, Any] | None = None,
-    max_new_tokens: int = 512,
+    max_new_tokens: int = 128,
+    max_context: int | None = None,
+    reuse_cache: bool = True,
     batch_size: int = 16,
     threads: int | None = None,
     dtype: str = "float32",
@@ -57,8 +59,12 @@ def run(
         task_ids: only these task ids.
         db_url: intercode_sql server; default: start (or reuse) the local one with scripts/start_mysql.sh.
         env_kwargs: more environment options (e.g. {"call_timeout": 120} for sciworld).
-        max_new_tokens: per agent turn (the paper: 512).
-        batch_size: largest generate() batch of a local model.
+        max_new_tokens: per agent turn (a ReAct thought + action fits in 128 tokens; the paper allows 512).
+        max_context: a local model's context in tokens (default: its window); the oldest turns after the task
+            statement are dropped to fit, as in training. A smaller cap makes CPU evaluation cheaper.
+        reuse_cache: a local model continues each episode from its KV cache (one episode at a time); off: all
+            episodes in one left-padded batch per turn, recomputing every context (for GPUs).
+        batch_size: largest generate() batch of a local model (without ``reuse_cache``).
         threads: torch CPU threads while generating (1 is fastest for tiny models on a busy machine).
         dtype: local model weights (float32, bfloat16, float16).
         device: cpu or cuda.
@@ -73,7 +79,7 @@ def run(
                              concurrency=concurrency, timeout=timeout)
     else:
         agent = LocalPolicy(policy, max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype,
-                            device=device, threads=threads)
+                            device=device, threads=threads, max_context=max_context, reuse_cache=reuse_cache)
     kwargs = dict(env_kwargs or {})
     if benchmark == "intercode_sql":
         kwargs["db_url"] = db_url or start_server()

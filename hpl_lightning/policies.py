@@ -18,12 +18,16 @@ import urllib.request
 from abc import ABC, abstractmethod
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
 from hpl_lightning.models import load_causal_lm, load_tokenizer
+from hpl_lightning.schema import head_length
+from hpl_lightning.tokenization import truncate_history
 
 Conversation = list[dict[str, str]]
 DEFAULT_STOP = ("\nObservation:",)
@@ -56,20 +60,30 @@ class Policy(ABC):
 
 
 class LocalPolicy(Policy):
-    """A causal LM run in this process: a hub name, a local or exported directory, ``hpl-tiny``, or a Lightning
-    ``.ckpt`` of ``HPLModule`` (its policy, LoRA merged).
+    """A causal LM run in this process: a hub name, a local or exported directory, ``hpl-tiny``, a GGUF model
+    (``smollm2-135m-instruct``), or a Lightning ``.ckpt`` of ``HPLModule`` (its policy, LoRA merged).
 
-    Conversations are rendered with the tokenizer's chat template (``add_generation_prompt``), left-padded and
-    generated in batches of at most ``batch_size`` (sorted by length, so a batch wastes little padding). Greedy
-    unless ``temperature`` > 0. ``seed`` makes sampling reproducible and initialises config-only models (hpl-tiny).
-    ``threads`` caps torch's CPU threads while generating: small models on a busy CPU run many times faster on one
-    thread than on threads that contend with other processes.
+    Conversations are rendered with the tokenizer's chat template (``add_generation_prompt``). The context is kept
+    within ``max_context`` tokens (default: the model's window) minus ``max_new_tokens``: the oldest turns after the
+    task statement go first, as training truncates (``tokenization.truncate_history``); if the head and the last
+    observation alone do not fit, the middle of that observation is cut. Generation stops at a stop string (default
+    ``"\nObservation:"``), at EOS or the template's end-of-turn token, or after ``max_new_tokens`` (default 128:
+    the longest ReAct thought+action in the InterCode-SQL GPT-3.5 trajectories is 120 SmolLM2 tokens).
+
+    ``reuse_cache`` (default): each conversation continues from the KV cache of its previous turn (matched by the
+    longest common token prefix), so a turn costs the new observation's tokens plus the decoding, not the whole
+    context again; conversations are generated one at a time. Without it, they are left-padded and generated in
+    batches of at most ``batch_size`` (sorted by length), every turn recomputing every context: the better choice
+    on a GPU with many episodes in flight, many times slower on a CPU (see docs/evaluation-speed.md).
+    Greedy unless ``temperature`` > 0. ``seed`` makes sampling reproducible and initialises config-only models
+    (hpl-tiny). ``threads`` caps torch's CPU threads while generating: small models on a busy CPU run many times
+    faster on one thread than on threads that contend with other processes.
     """
 
     def __init__(
         self,
         model: str = "hpl-tiny",
-        max_new_tokens: int = 512,
+        max_new_tokens: int = 128,
         temperature: float = 0.0,
         top_p: float = 1.0,
         stop: Sequence[str] = DEFAULT_STOP,
@@ -78,10 +92,14 @@ class LocalPolicy(Policy):
         device: str = "cpu",
         seed: int = 0,
         threads: int | None = None,
+        max_context: int | None = None,
+        reuse_cache: bool = True,
     ):
         self.model_spec, self.max_new_tokens, self.temperature, self.top_p = model, max_new_tokens, temperature, top_p
         self.stop, self.batch_size, self.seed, self.threads = tuple(stop), batch_size, seed, threads
+        self.reuse_cache = reuse_cache
         self._batches = 0  # sampling seeds seed + batch number: reproducible, yet no two batches share samples
+        self._caches: list[_CachedContext] = []  # the previous call's conversations, for reuse_cache
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         if model.endswith(".ckpt"):
@@ -97,50 +115,141 @@ class LocalPolicy(Policy):
         self.model.to(device).eval()
         self.device = torch.device(device)
         self.tokenizer.padding_side = "left"  # new tokens follow every prompt directly
+        window = getattr(self.model.config, "max_position_embeddings", None)
+        self.max_context = min(c for c in (max_context, window) if c is not None) if (max_context or window) else None
+        if self.max_context is not None and self.max_context <= max_new_tokens:
+            raise ValueError(f"max_context {self.max_context} leaves no room for the prompt with max_new_tokens "
+                             f"{max_new_tokens}")
+        self.eos_token_ids = end_of_turn_ids(self.tokenizer, self.model)
 
     def describe(self) -> dict[str, Any]:
         spec = str(Path(self.model_spec).resolve()) if Path(self.model_spec).exists() else self.model_spec
         return {"type": "local", "model": spec, "max_new_tokens": self.max_new_tokens,
-                "temperature": self.temperature, "top_p": self.top_p, "stop": list(self.stop), "seed": self.seed}
+                "temperature": self.temperature, "top_p": self.top_p, "stop": list(self.stop), "seed": self.seed,
+                "max_context": self.max_context}
+
+    def prompt_ids(self, conversation: Conversation) -> list[int]:
+        """The tokens the model sees for ``conversation``: its chat rendering, cut to the context budget."""
+        def render(messages: Conversation) -> list[int]:
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+        if self.max_context is None:
+            return render(conversation)
+        budget = self.max_context - self.max_new_tokens
+        protected = head_length(conversation)
+        kept = truncate_history(conversation, protected, lambda m: len(render(m)) <= budget)
+        ids = render(kept)
+        if len(ids) <= budget:
+            return ids
+        head = self.tokenizer.apply_chat_template(kept[:protected], tokenize=False)
+        n_head = len(self.tokenizer(head, add_special_tokens=False)["input_ids"])
+        if n_head >= budget:
+            raise ValueError(f"the task statement alone is {n_head} tokens, over the context budget {budget} "
+                             f"(max_context {self.max_context} - max_new_tokens {self.max_new_tokens})")
+        return ids[:n_head] + ids[len(ids) - (budget - n_head):]  # the last observation's middle goes
 
     def generate(self, conversations: list[Conversation], keys: Sequence[str] | None = None) -> list[str]:
-        # ``keys`` are not needed: one generator, seeded per batch, samples every sequence of the batch differently
-        prompts = [
-            self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations
-        ]
-        lengths = [len(ids) for ids in self.tokenizer(prompts, add_special_tokens=False)["input_ids"]]
-        order = sorted(range(len(prompts)), key=lengths.__getitem__)
+        # ``keys`` are not needed: one generator, seeded per call, samples every sequence differently
+        prompts = [self.prompt_ids(c) for c in conversations]
         out: list[str] = [""] * len(prompts)
         threads = torch.get_num_threads()
         torch.set_num_threads(self.threads or threads)
         try:
-            for start in range(0, len(order), self.batch_size):
-                chunk = order[start:start + self.batch_size]
-                for i, text in zip(chunk, self._generate_batch([prompts[i] for i in chunk])):
-                    out[i] = text
+            if self.reuse_cache:
+                caches = []
+                for i, ids in enumerate(prompts):
+                    out[i], cached = self._generate_cached(ids)
+                    caches.append(cached)
+                self._caches = caches  # finished conversations' caches go
+            else:
+                order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+                for start in range(0, len(order), self.batch_size):
+                    chunk = order[start:start + self.batch_size]
+                    for i, text in zip(chunk, self._generate_batch([prompts[i] for i in chunk])):
+                        out[i] = text
         finally:
             torch.set_num_threads(threads)
         return out
 
-    @torch.no_grad()
-    def _generate_batch(self, prompts: list[str]) -> list[str]:
-        batch = self.tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
-        sampling = self.temperature > 0
-        kwargs: dict[str, Any] = {"do_sample": sampling}
-        if sampling:
+    def _decoding(self) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"do_sample": self.temperature > 0, "max_new_tokens": self.max_new_tokens,
+                                  "eos_token_id": self.eos_token_ids, "pad_token_id": self.tokenizer.pad_token_id}
+        if self.temperature > 0:
             kwargs.update(temperature=self.temperature, top_p=self.top_p)
         else:
             kwargs.update(temperature=None, top_p=None, top_k=None)  # silence "ignored sampling flag" warnings
         if self.stop:
             kwargs.update(stop_strings=list(self.stop), tokenizer=self.tokenizer)
+        return kwargs
+
+    @contextmanager
+    def _seeded(self) -> Iterator[None]:
+        """A forked RNG seeded with ``seed`` + the number of generate calls so far."""
         with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
             torch.manual_seed(self.seed + self._batches)
             self._batches += 1
-            generated = self.model.generate(
-                **batch, max_new_tokens=self.max_new_tokens, pad_token_id=self.tokenizer.pad_token_id, **kwargs
-            )
+            yield
+
+    @torch.no_grad()
+    def _generate_cached(self, ids: list[int]) -> tuple[str, _CachedContext]:
+        """One conversation, continuing the cached context that shares the longest token prefix with ``ids``."""
+        prompt = torch.tensor([ids], device=self.device)
+        best, reused = None, 0
+        for cached in self._caches:
+            n = _common_prefix(cached.ids, prompt[0])
+            if n > reused:
+                best, reused = cached, n
+        reused = min(reused, len(ids) - 1)  # generate needs at least one new token to start from
+        cache = None  # generate starts a fresh one
+        if best is not None and reused > 0:
+            self._caches = [c for c in self._caches if c is not best]  # each cache continues one conversation
+            cache = best.cache
+            cache.crop(reused - cache.get_seq_length())  # a negative count: the tokens to remove
+        with self._seeded():
+            result = self.model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
+                                         cache=cache, return_dict_in_generate=True, **self._decoding())
+        sequence = result.sequences[0]
+        text = self.tokenizer.decode(sequence[len(ids):], skip_special_tokens=True)
+        covered = result.cache.get_seq_length()
+        return truncate_at_stop(text, self.stop), _CachedContext(sequence[:covered], result.cache)
+
+    @torch.no_grad()
+    def _generate_batch(self, prompts: list[list[int]]) -> list[str]:
+        batch = self.tokenizer.pad({"input_ids": prompts}, return_tensors="pt").to(self.device)
+        with self._seeded():
+            generated = self.model.generate(**batch, **self._decoding())
         texts = self.tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         return [truncate_at_stop(t, self.stop) for t in texts]
+
+
+@dataclass
+class _CachedContext:
+    """The KV cache of a conversation's tokens so far (prompt and generated turn), for its next turn."""
+
+    ids: torch.Tensor
+    cache: Any
+
+
+def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
+    n = min(len(a), len(b))
+    differ = (a[:n] != b[:n]).nonzero()
+    return int(differ[0]) if len(differ) else n
+
+
+def end_of_turn_ids(tokenizer: Any, model: Any) -> list[int]:
+    """Token ids that end an assistant turn: the model's EOS ids and the special token the chat template writes
+    right after an assistant message (ChatML's ``<|im_end|>``), which some checkpoints do not list as EOS."""
+    configured = model.generation_config.eos_token_id
+    ids = set(configured if isinstance(configured, list) else [configured] if configured is not None else [])
+    if tokenizer.eos_token_id is not None:
+        ids.add(tokenizer.eos_token_id)
+    probe = [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}]
+    rendered = tokenizer.apply_chat_template(probe, tokenize=False)
+    after = rendered[rendered.rindex("y") + 1:]
+    following = tokenizer(after, add_special_tokens=False)["input_ids"][:1]
+    ids.update(i for i in following if i in tokenizer.all_special_ids)
+    return sorted(ids)
 
 
 class OpenAIPolicy(Policy):

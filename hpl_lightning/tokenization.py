@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Callable, Literal
 
 from transformers import PreTrainedTokenizerBase
 
@@ -62,6 +62,23 @@ class TokenizationReport:
             f"{self.examples} examples kept; {self.history_truncated} with oldest history turns removed, "
             f"{self.tail_truncated} cut at the end; dropped: {dropped}"
         )
+
+
+def truncate_history(
+    messages: list[dict[str, str]], protected: int, fits: Callable[[list[dict[str, str]]], bool]
+) -> list[dict[str, str]]:
+    """``messages`` with the oldest turns after the first ``protected`` (the task head) removed until ``fits``.
+
+    A turn is an assistant message and the messages up to the next one (its observation). The head and the last
+    message are always kept, so the result may still not fit; the caller decides what happens then. Training
+    prompts and the agent's context at evaluation are both cut here, so a policy sees what it was trained on.
+    """
+    while not fits(messages) and len(messages) > protected + 1:
+        drop = 1
+        while protected + drop < len(messages) - 1 and messages[protected + drop]["role"] != "assistant":
+            drop += 1
+        messages = messages[:protected] + messages[protected + drop:]
+    return messages
 
 
 class ChatTokenizer:
@@ -155,17 +172,14 @@ class ChatTokenizer:
         """Removes the oldest (action, observation) turns after the task statement until the item fits."""
         if isinstance(record, Trajectory):
             return encoded  # every turn after the head is scored: cut the end instead
-        prompt = list(record.prompt)
-        truncated = False
-        while self._too_long(encoded) and len(prompt) > protected + 1:
-            drop = 1
-            while protected + drop < len(prompt) - 1 and prompt[protected + drop]["role"] != "assistant":
-                drop += 1
-            prompt = prompt[:protected] + prompt[protected + drop:]
-            truncated = True
-            encoded = {
-                "chosen": self.encode(prompt + record.chosen, len(prompt)),
-                "rejected": self.encode(prompt + record.rejected, len(prompt)),
-            }
-        report.history_truncated += truncated
-        return encoded
+        encodings = {len(record.prompt): encoded}  # by prompt length: each removal shortens the prompt
+
+        def fits(prompt: list[dict[str, str]]) -> bool:
+            if len(prompt) not in encodings:
+                encodings[len(prompt)] = {"chosen": self.encode(prompt + record.chosen, len(prompt)),
+                                          "rejected": self.encode(prompt + record.rejected, len(prompt))}
+            return not self._too_long(encodings[len(prompt)])
+
+        prompt = truncate_history(record.prompt, protected, fits)
+        report.history_truncated += len(prompt) < len(record.prompt)
+        return encodings[len(prompt)]
