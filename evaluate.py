@@ -35,7 +35,7 @@ def run(
     env_kwargs: dict[str, Any] | None = None,
     max_new_tokens: int = 128,
     max_context: int | None = None,
-    reuse_cache: bool = True,
+    reuse_cache: bool = False,
     batch_size: int = 16,
     threads: int | None = None,
     dtype: str = "float32",
@@ -62,8 +62,8 @@ def run(
         max_new_tokens: per agent turn (a ReAct thought + action fits in 128 tokens; the paper allows 512).
         max_context: a local model's context in tokens (default: its window); the oldest turns after the task
             statement are dropped to fit, as in training. A smaller cap makes CPU evaluation cheaper.
-        reuse_cache: a local model continues each episode from its KV cache (one episode at a time); off: all
-            episodes in one left-padded batch per turn, recomputing every context (for GPUs).
+        reuse_cache: a local model continues each episode from its KV cache (one episode at a time) instead of
+            one left-padded batch per turn that recomputes every context; pays off for long contexts on CPU.
         batch_size: largest generate() batch of a local model (without ``reuse_cache``).
         threads: torch CPU threads while generating (1 is fastest for tiny models on a busy machine).
         dtype: local model weights (float32, bfloat16, float16).

@@ -70,11 +70,13 @@ class LocalPolicy(Policy):
     ``"\nObservation:"``), at EOS or the template's end-of-turn token, or after ``max_new_tokens`` (default 128:
     the longest ReAct thought+action in the InterCode-SQL GPT-3.5 trajectories is 120 SmolLM2 tokens).
 
-    ``reuse_cache`` (default): each conversation continues from the KV cache of its previous turn (matched by the
-    longest common token prefix), so a turn costs the new observation's tokens plus the decoding, not the whole
-    context again; conversations are generated one at a time. Without it, they are left-padded and generated in
-    batches of at most ``batch_size`` (sorted by length), every turn recomputing every context: the better choice
-    on a GPU with many episodes in flight, many times slower on a CPU (see docs/evaluation-speed.md).
+    By default the conversations are left-padded and generated in batches of at most ``batch_size`` (sorted by
+    length): every turn recomputes every context, but the decoding steps are shared. With ``reuse_cache`` each
+    conversation instead continues from the KV cache of its previous turn (matched by the longest common token
+    prefix), one conversation at a time: a turn costs the new observation's tokens plus its own decoding. Measured
+    on 2 loaded cores, batching was faster for hpl-tiny at 3k-token contexts and SmolLM2-135M at 500; from the
+    measured prefill and decoding rates the cache should win for SmolLM2-sized models past ~1.5k tokens of
+    context (docs/evaluation-speed.md).
     Greedy unless ``temperature`` > 0. ``seed`` makes sampling reproducible and initialises config-only models
     (hpl-tiny). ``threads`` caps torch's CPU threads while generating: small models on a busy CPU run many times
     faster on one thread than on threads that contend with other processes.
@@ -93,7 +95,7 @@ class LocalPolicy(Policy):
         seed: int = 0,
         threads: int | None = None,
         max_context: int | None = None,
-        reuse_cache: bool = True,
+        reuse_cache: bool = False,
     ):
         self.model_spec, self.max_new_tokens, self.temperature, self.top_p = model, max_new_tokens, temperature, top_p
         self.stop, self.batch_size, self.seed, self.threads = tuple(stop), batch_size, seed, threads
