@@ -11,7 +11,8 @@ from hpl_lightning.cli import HPLCLI
 from hpl_lightning.data import HPLDataModule
 from hpl_lightning.models import SMOLLM2, load_causal_lm, load_tokenizer, resolve
 from hpl_lightning.module import HPLModule
-from hpl_lightning.tokenization import ChatTokenizer, head_length
+from hpl_lightning.schema import head_length
+from hpl_lightning.tokenization import ChatTokenizer
 from tests.synthetic import make_records, write_jsonl
 
 pytestmark = pytest.mark.slow
