@@ -11,6 +11,7 @@ import sys
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
+from hpl_lightning.checkpointing import CheckpointError, resume_checkpoint
 from hpl_lightning.data import HPLDataModule
 from hpl_lightning.module import HPLModule
 from hpl_lightning.schema import DataError
@@ -41,8 +42,15 @@ class HPLCLI(LightningCLI):
                 "trainer.max_epochs": 3,
                 "trainer.use_distributed_sampler": False,
                 "trainer.reload_dataloaders_every_n_epochs": 1,
+                # checkpoints written beside their final name and renamed: atomic even when $TMPDIR is elsewhere
+                "trainer.plugins": {"class_path": "hpl_lightning.checkpointing.AtomicCheckpointIO"},
             }
         )
+
+    def before_fit(self) -> None:
+        """A damaged ``--ckpt_path`` is named; ``last`` falls back to the newest intact checkpoint."""
+        config = self.config_init[self.subcommand]
+        config["ckpt_path"] = resume_checkpoint(config.get("ckpt_path"), self.trainer)
 
 
 def main(args: list[str] | None = None) -> None:
@@ -56,6 +64,9 @@ def main(args: list[str] | None = None) -> None:
         )
     except DataError as e:
         print(f"error: invalid data: {e}", file=sys.stderr)
+        sys.exit(2)
+    except CheckpointError as e:
+        print(f"error: unusable checkpoint: {e}", file=sys.stderr)
         sys.exit(2)
 
 
