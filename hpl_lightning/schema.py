@@ -217,16 +217,67 @@ def parse_record(obj: Any, path: str | os.PathLike | None = None, line: int | No
     raise DataError(path, line, None, "neither a preference record (needs 'chosen') nor a trajectory ('messages')")
 
 
-def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
-    """Yields (line number, decoded object), skipping blank lines; malformed JSON raises DataError."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, text in enumerate(f, start=1):
-            if not text.strip():
-                continue
+MAX_RECORD_BYTES = 1 << 20  # one JSONL line; a larger record is an error (docs/data-format.md), never tokenized
+MAX_NESTING = 64  # JSON depth of one record (messages sit at depth 3)
+
+
+def _check_values(obj: Any, path: str | os.PathLike | None, line: int | None) -> None:
+    """Depth and strings of a decoded record, iteratively (a deep record must not overflow this check either):
+    deeper than ``MAX_NESTING`` or a lone surrogate (``\\ud800`` escapes decode, but no text encoder takes them)."""
+    stack: list[tuple[Any, str, int]] = [(obj, "", 0)]
+    while stack:
+        value, where, depth = stack.pop()
+        if depth > MAX_NESTING:
+            raise DataError(path, line, where.lstrip(".") or None, f"nested deeper than {MAX_NESTING} levels")
+        if isinstance(value, str):
             try:
-                yield lineno, json.loads(text)
-            except json.JSONDecodeError as e:
-                raise DataError(path, lineno, None, f"malformed JSON: {e.msg} (column {e.colno})") from None
+                value.encode("utf-8")
+            except UnicodeEncodeError as e:
+                bad = value[e.start]
+                raise DataError(path, line, where.lstrip(".") or None,
+                                f"lone surrogate \\u{ord(bad):04x} at character {e.start}: not valid Unicode") from None
+        elif isinstance(value, dict):
+            for k, v in value.items():
+                stack.append((k, where, depth + 1))
+                stack.append((v, f"{where}.{k}", depth + 1))
+        elif isinstance(value, list):
+            stack.extend((v, f"{where}[{i}]", depth + 1) for i, v in enumerate(value))
+
+
+def decode_jsonl_line(raw: bytes, path: str | os.PathLike | None, line: int) -> Any:
+    """One JSONL line (bytes, newline included or not) to its object; anything but a well-formed UTF-8 JSON value
+    within the limits raises DataError naming the line: UTF-16, other encodings, lone surrogates, nesting, size."""
+    if len(raw.rstrip(b"\r\n")) > MAX_RECORD_BYTES:
+        raise DataError(path, line, None, f"record longer than {MAX_RECORD_BYTES:,} bytes (the limit of one line)")
+    if line == 1 and raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise DataError(path, line, None, "UTF-16 text (byte order mark): JSON Lines must be UTF-8 "
+                                          "(convert with: iconv -f UTF-16 -t UTF-8)")
+    if b"\x00" in raw:
+        raise DataError(path, line, None, f"NUL byte at column {raw.index(0) + 1}: UTF-16 or binary data? "
+                                          "JSON Lines must be UTF-8")
+    try:
+        text = raw.decode("utf-8-sig" if line == 1 else "utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(path, line, None, f"not UTF-8: byte 0x{raw[e.start]:02x} at column {e.start + 1}") from None
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(path, line, None, f"malformed JSON: {e.msg} (column {e.colno})") from None
+    except RecursionError:
+        raise DataError(path, line, None, f"nested deeper than {MAX_NESTING} levels") from None
+    _check_values(obj, path, line)
+    return obj
+
+
+def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """Yields (line number, decoded object), skipping blank lines; a bad line raises DataError (see
+    :func:`decode_jsonl_line`). Reads at most ``MAX_RECORD_BYTES`` + 2 bytes of a line: memory stays bounded."""
+    with open(path, "rb") as f:
+        lineno = 0
+        while raw := f.readline(MAX_RECORD_BYTES + 2):  # + "\r\n"
+            lineno += 1
+            if raw.strip():
+                yield lineno, decode_jsonl_line(raw, path, lineno)
 
 
 def load_records(path: str | os.PathLike) -> list[tuple[Record, int]]:

@@ -81,3 +81,52 @@ def test_bad_validation_file_fails_before_training_too(tmp_path):
     assert "val.jsonl:1: field 'chosen_reward': expected a finite number" in proc.stderr
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "ckpt").exists()
+
+
+def _raw_file(tmp_path: Path, line: int, raw: bytes) -> Path:
+    lines = [json.dumps(r).encode() for r in make_records(n_tasks=1)]
+    lines[line - 1] = raw
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def _nested(depth: int) -> bytes:
+    record = make_records(n_tasks=1)[0]
+    return json.dumps({**record, "meta": {"x": "NEST"}}).replace('"NEST"', "[" * depth + "]" * depth).encode()
+
+
+def _with_content(text: str) -> bytes:
+    record = make_records(n_tasks=1)[1]
+    record["chosen"][0]["content"] = text
+    return json.dumps(record).encode()
+
+
+ENCODING_CASES = {
+    "latin-1 byte": (2, _with_content("caf\u00e9").replace(b"\\u00e9", b"\xe9"),
+                     "train.jsonl:2: not UTF-8: byte 0xe9 at column"),
+    "lone surrogate": (3, _with_content("x").replace(b'"x"', b'"\\ud800x"'),
+                       "train.jsonl:3: field 'chosen[0].content': lone surrogate \\ud800 at character 0"),
+    "nested 100000 deep": (2, _nested(100_000), "train.jsonl:2: nested deeper than 64 levels"),
+    "nested 100 deep": (2, _nested(100), "train.jsonl:2: field 'meta.x"),
+    "2 MB record": (4, _with_content("y" * 2_000_000), "train.jsonl:4: record longer than 1,048,576 bytes"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(ENCODING_CASES))
+def test_undecodable_record_is_one_line_with_file_and_line(tmp_path, capsys, case):
+    line, raw, message = ENCODING_CASES[case]
+    with pytest.raises(SystemExit) as exit_info:
+        main(_fit_args(tmp_path, _raw_file(tmp_path, line, raw)))
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err, err[-2000:]
+    assert not (tmp_path / "ckpt").exists()
+
+
+def test_utf16_file_is_named_as_such(tmp_path, capsys):
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(json.dumps(r) for r in make_records(n_tasks=1)) + "\n", encoding="utf-16")
+    with pytest.raises(SystemExit) as exit_info:
+        main(_fit_args(tmp_path, train))
+    assert exit_info.value.code == 2
+    assert "error: invalid data: " f"{train}:1: UTF-16 text (byte order mark)" in capsys.readouterr().err
