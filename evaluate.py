@@ -21,6 +21,7 @@ from hpl_lightning.envs.intercode_replay import replay, start_server
 from hpl_lightning.envs.sciworld import gold
 from hpl_lightning.evaluation import evaluate
 from hpl_lightning.policies import LocalPolicy, OpenAIPolicy, Policy
+from hpl_lightning.schema import exit_2_on_bad_input
 
 
 def run(
@@ -89,4 +90,5 @@ def run(
 
 
 if __name__ == "__main__":
-    CLI([run, replay, gold], as_positional=False)
+    with exit_2_on_bad_input():
+        CLI([run, replay, gold], as_positional=False)

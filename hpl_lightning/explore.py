@@ -22,10 +22,13 @@ in a row mean the backend is down: ``ExplorationAborted``.
 
 from __future__ import annotations
 
-import json
+import contextlib
+import fcntl
+import os
+import socket
 import time
 from collections import Counter, defaultdict, deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, Generator, Iterator, Sequence
 
@@ -43,7 +46,7 @@ from hpl_lightning.pairs import (
     task_head,
 )
 from hpl_lightning.policies import Policy
-from hpl_lightning.schema import Trajectory, append_jsonl
+from hpl_lightning.schema import DataError, Trajectory, UsageError, append_jsonl, decode_jsonl_line
 from hpl_lightning.segmentation import action_indices
 
 LEVELS = ("trajectory", "step", "group")
@@ -219,19 +222,80 @@ def count_plans(experts: Sequence[Trajectory], config: ExploreConfig) -> int:
 
 # ------------------------------------------------------------------------------------------------ the loop
 def read_rollouts(path: Path) -> dict[str, Rollout]:
-    """Finished rollouts by key; a last line cut short by a kill is removed so appends stay valid."""
+    """Finished rollouts by key. A last line without its newline (a write cut short by a kill, or one in progress)
+    is not a finished rollout and is skipped; any other bad line raises DataError naming it."""
     if not path.exists():
         return {}
-    data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
-        data = data[: data.rfind(b"\n") + 1]
-        path.write_bytes(data)
     out: dict[str, Rollout] = {}
-    for line in data.decode("utf-8").splitlines():
-        if line.strip():
-            r = Rollout(**json.loads(line))
+    required = [f.name for f in fields(Rollout) if f.default is MISSING and f.default_factory is MISSING]
+    known = {f.name for f in fields(Rollout)}
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            if not raw.endswith(b"\n") or not raw.strip():
+                continue
+            obj = decode_jsonl_line(raw, path, lineno)
+            if not isinstance(obj, dict):
+                raise DataError(path, lineno, None, "expected a JSON object (a rollout)")
+            for name in required:
+                if name not in obj:
+                    raise DataError(path, lineno, name, "missing")
+            for name in obj:
+                if name not in known:
+                    raise DataError(path, lineno, name, f"unknown field of a rollout (expected {sorted(known)})")
+            r = Rollout(**obj)
             out[r.key] = r
     return out
+
+
+def repair_partial_line(path: Path) -> int:
+    """Cuts a last line left without its newline by a kill, so appends stay valid JSONL; returns the bytes cut.
+    Truncates in place (never rewrites the file); the caller holds :func:`output_lock`."""
+    if not path.exists():
+        return 0
+    with path.open("rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        keep = size
+        while keep > 0:  # scan back in blocks for the last newline
+            start = max(0, keep - 65536)
+            f.seek(start)
+            block = f.read(keep - start)
+            nl = block.rfind(b"\n")
+            if nl >= 0:
+                keep = start + nl + 1
+                break
+            keep = start
+        if keep != size:
+            f.truncate(keep)
+    return size - keep
+
+
+class OutputLocked(UsageError):
+    """Another process is writing the same output file."""
+
+
+@contextlib.contextmanager
+def output_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock on ``path`` for one writer at a time, held through the sidecar ``<path>.lock`` (which
+    names the holder: pid, host, start time); released when the block ends or the process dies."""
+    lock = path.with_name(path.name + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a+") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            f.seek(0)
+            holder = f.read().strip() or "another process"
+            raise OutputLocked(f"{path} is being written by {holder} (lock: {lock}); wait for it to finish or "
+                               "write to another --output") from None
+        f.seek(0)
+        f.truncate()
+        f.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S %Z')}\n")
+        f.flush()
+        try:
+            yield
+        finally:
+            f.truncate(0)
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def restore(env: Environment, task: Task, actions: Sequence[str]) -> StepResult | None:
@@ -261,11 +325,13 @@ class _Running:
 
 
 class Explorer:
-    """Runs plans to completion over a pool, appending each finished rollout to ``path``."""
+    """Runs plans to completion over a pool, appending each finished rollout to ``path``; the caller holds
+    :func:`output_lock` on it."""
 
     def __init__(self, pool: EnvPool, policies: dict[bool, Policy], path: Path, config: ExploreConfig,
                  progress: bool = True):
         self.pool, self.policies, self.path, self.config = pool, policies, path, config
+        repair_partial_line(path)
         self.done = {k: r for k, r in read_rollouts(path).items() if r.error is None}  # failed ones run again
         self.resumed = len(self.done)
         self.timer = Timer()

@@ -24,12 +24,30 @@ import torch
 from hpl_lightning.envs.base import Environment, Task
 from hpl_lightning.envs.pool import EnvPool
 from hpl_lightning.evaluation import BENCHMARKS
-from hpl_lightning.explore import ExploreConfig, Explorer, count_plans, format_timer, plans, read_rollouts
+from hpl_lightning.explore import (
+    ExploreConfig,
+    Explorer,
+    count_plans,
+    format_timer,
+    output_lock,
+    plans,
+    read_rollouts,
+)
 from hpl_lightning.pairs import PairFilters, build_pairs
 from hpl_lightning.policies import LocalPolicy, OpenAIPolicy, Policy
-from hpl_lightning.schema import Trajectory, load_records, parse_record, to_json, write_jsonl
+from hpl_lightning.schema import (
+    DataError,
+    Trajectory,
+    UsageError,
+    exit_2_on_bad_input,
+    load_records,
+    parse_record,
+    to_json,
+    write_jsonl,
+)
 from hpl_lightning.segmentation import (
     DEFAULT_STATS_SEGMENTERS,
+    InvalidCover,
     LLMSegmenter,
     action_indices,
     build_segmenter,
@@ -43,7 +61,7 @@ from hpl_lightning.tokenization import ChatTokenizer
 def load_trajectories(path: str) -> list[Trajectory]:
     out = [r for r, _ in load_records(path) if isinstance(r, Trajectory)]
     if not out:
-        raise ValueError(f"{path}: no trajectory records")
+        raise DataError(path, None, None, "no trajectory records")
     return out
 
 
@@ -142,6 +160,10 @@ def segment(
         dtype: uncertainty only: reference model weights.
         device: uncertainty only: cpu or cuda.
     """
+    try:
+        cutter = build_segmenter(segmenter, options)
+    except ValueError as e:  # before reading any data or loading the reference
+        raise UsageError(f"--segmenter/--options: {e}") from None
     trajectories = load_trajectories(input)
     if segmenter == "uncertainty":
         key = (options or {}).get("meta_key", "action_entropies")
@@ -156,7 +178,6 @@ def segment(
             entropies = {t.id: action_entropies(ref, t, max_length) for t in missing}
             trajectories = [replace(t, meta={**t.meta, key: entropies[t.id]}) if t.id in entropies else t
                             for t in trajectories]
-    cutter = build_segmenter(segmenter, options)
     covers = cutter.segment_many(trajectories)
     records = []
     for t, cover in zip(trajectories, covers):
@@ -175,6 +196,43 @@ def segment(
 
 
 # ------------------------------------------------------------------------------------------------ explore
+def check_explorable(path: str, experts: Sequence[tuple[Trajectory, int]], benchmark: str, levels: Sequence[str],
+                     env_kwargs: dict[str, Any]) -> None:
+    """Before any environment or model starts: every expert's id names a task of ``benchmark`` (as
+    :func:`task_resolver` reads it) and, for the group level, its ``meta.groups`` cover its actions exactly."""
+    if benchmark == "intercode_sql":
+        from hpl_lightning.envs.intercode_sql import DEFAULT_DATA_DIR
+
+        n_tasks = len(json.loads((Path(env_kwargs.get("data_dir", DEFAULT_DATA_DIR)) / "ic_spider_dev.json").read_text()))
+    elif benchmark == "sciworld":
+        from hpl_lightning.envs.sciworld import DEFAULT_SPLITS, SciWorldSplits, parse_task_id
+
+        task_names = SciWorldSplits.load(env_kwargs.get("splits", DEFAULT_SPLITS)).max_steps
+    for t, line in experts:
+        if benchmark == "intercode_sql":
+            prefix, _, index = t.id.rpartition("/")
+            if prefix != benchmark or not index.isdigit() or int(index) >= n_tasks:
+                raise DataError(path, line, "id", f"{t.id!r} is not an InterCode-SQL task: expected "
+                                                  f"'{benchmark}/<index>' with index 0..{n_tasks - 1}")
+        elif benchmark == "sciworld":
+            try:
+                name, _ = parse_task_id(t.id)
+            except ValueError as e:
+                raise DataError(path, line, "id", str(e)) from None
+            if name not in task_names:
+                raise DataError(path, line, "id", f"unknown ScienceWorld task {name!r}")
+        if "group" in levels:
+            groups = t.meta.get("groups")
+            if groups is None:
+                raise DataError(path, line, "meta.groups", "missing: run `pipeline segment` first")
+            try:
+                if not isinstance(groups, list) or not all(isinstance(g, list) for g in groups):
+                    raise InvalidCover("malformed", f"expected a list of [start, end] ranges, got {groups!r:.80}")
+                validate_cover(groups, len(action_indices(t.messages)))
+            except InvalidCover as e:
+                raise DataError(path, line, "meta.groups", str(e)) from None
+
+
 def task_resolver(benchmark: str, env: Environment) -> Callable[[Trajectory], Task]:
     """Maps an expert trajectory's id to the environment's task (intercode_sql/<index>, sciworld/<task>/<var>)."""
     if benchmark == "intercode_sql":
@@ -247,12 +305,24 @@ def explore(
         progress: show progress bars.
     """
     if benchmark not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {benchmark!r}; expected one of {sorted(BENCHMARKS)}")
-    trajectories = load_trajectories(experts)
+        raise UsageError(f"--benchmark: unknown benchmark {benchmark!r}; expected one of {sorted(BENCHMARKS)}")
+    found = [(t, line) for t, line in load_records(experts) if isinstance(t, Trajectory)]
     if task_ids is not None:
-        trajectories = [t for t in trajectories if t.id in set(task_ids)]
-    trajectories = trajectories[:limit]
+        found = [(t, line) for t, line in found if t.id in set(task_ids)]
+    found = found[:limit]
     kwargs = dict(env_kwargs or {})
+    check_explorable(experts, found, benchmark, exploration.levels, kwargs)
+    trajectories = [t for t, _ in found]
+    path = Path(output)
+    with output_lock(path):
+        return _explore(trajectories, path, benchmark, exploration, policy, base_url, envs, max_new_tokens,
+                        temperature, batch_size, threads, seed, dtype, device, db_url, kwargs, progress)
+
+
+def _explore(trajectories: list[Trajectory], path: Path, benchmark: str, exploration: ExploreConfig, policy: str,
+             base_url: str | None, envs: int, max_new_tokens: int, temperature: float, batch_size: int,
+             threads: int | None, seed: int, dtype: str, device: str, db_url: str | None, kwargs: dict[str, Any],
+             progress: bool) -> dict[str, Any]:
     if benchmark == "intercode_sql" and "db_url" not in kwargs:
         from hpl_lightning.envs.intercode_replay import start_server
 
@@ -260,8 +330,6 @@ def explore(
     if benchmark == "sciworld":
         kwargs.setdefault("step_budget", False)
     policies = make_policies(policy, base_url, max_new_tokens, temperature, batch_size, threads, seed, dtype, device)
-    path = Path(output)
-    path.parent.mkdir(parents=True, exist_ok=True)
     spec = BENCHMARKS[benchmark]
     with EnvPool(lambda: spec.make_env(**kwargs), envs) as pool:
         explorer = Explorer(pool, policies, path, exploration, progress)
@@ -298,6 +366,8 @@ def pairs(
         with_experts: also write the expert trajectories (default): the behaviour-cloning data of the paper's
             L_BC (Eq. 1) in the same file; false writes the pairs only.
     """
+    if not Path(rollouts).is_file():
+        raise DataError(rollouts, None, "--rollouts", "file not found")
     trajectories = load_trajectories(experts)
     found = list(read_rollouts(Path(rollouts)).values())
     built, report = build_pairs(trajectories, found, filters, levels, max_negatives)
@@ -324,6 +394,11 @@ def stats(
         segmenters: segmenter names.
         options: config fields per segmenter, e.g. {"jaccard": {"threshold": 0.3}}.
     """
+    for name in segmenters:  # unknown names and options before any data is read
+        try:
+            build_segmenter(name, (options or {}).get(name))
+        except ValueError as e:
+            raise UsageError(f"--segmenters/--options: {e}") from None
     result = segment_stats(input, segmenters, options)
     print(format_stats(result))
     return result
@@ -333,8 +408,9 @@ def main(args: Sequence[str] | None = None) -> Any:
     """Runs a subcommand and returns its result (for in-process callers and tests)."""
     from jsonargparse import CLI
 
-    return CLI({"import": import_, "segment": segment, "explore": explore, "pairs": pairs, "stats": stats},
-        args=args, as_positional=False)
+    with exit_2_on_bad_input():
+        return CLI({"import": import_, "segment": segment, "explore": explore, "pairs": pairs, "stats": stats},
+                   args=args, as_positional=False)
 
 
 if __name__ == "__main__":

@@ -6,9 +6,11 @@ The format is documented in ``docs/data-format.md``.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal, Union
@@ -26,6 +28,24 @@ class DataError(ValueError):
         self.path, self.line, self.field, self.problem = (str(path) if path else None), line, field, problem
         where = ":".join(str(p) for p in (self.path, self.line) if p is not None) or "<record>"
         super().__init__(f"{where}: field '{field}': {problem}" if field else f"{where}: {problem}")
+
+
+class UsageError(ValueError):
+    """A command-line argument that cannot work (an unknown name, a missing input file), found before any work."""
+
+
+@contextlib.contextmanager
+def exit_2_on_bad_input() -> Iterator[None]:
+    """A command's bad input ends it with one line on stderr and exit status 2 (``error: invalid data: FILE:LINE:
+    ...`` for data, ``error: ...`` for arguments), not a traceback."""
+    try:
+        yield
+    except DataError as e:
+        print(f"error: invalid data: {e}", file=sys.stderr)
+        sys.exit(2)
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
 
 
 @dataclass(frozen=True)
