@@ -23,12 +23,17 @@ import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from hpl_lightning.schema import UsageError
+
 PARTIAL_SUFFIX = ".partial"
 SHARDED_META = "meta.pt"  # Lightning's non-tensor state in a sharded (FSDP/ModelParallel) checkpoint directory
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UsageError):
     """A checkpoint to resume from is unusable and no intact one can stand in for it."""
+
+    def __init__(self, message: str):
+        super().__init__(f"unusable checkpoint: {message}")
 
 
 def _fsync_dir(path: Path) -> None:

@@ -11,10 +11,10 @@ import sys
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from hpl_lightning.checkpointing import CheckpointError, resume_checkpoint
+from hpl_lightning.checkpointing import resume_checkpoint
 from hpl_lightning.data import HPLDataModule
 from hpl_lightning.module import HPLModule
-from hpl_lightning.schema import DataError
+from hpl_lightning.schema import DataError, UsageError
 
 
 class HPLCLI(LightningCLI):
@@ -65,8 +65,8 @@ def main(args: list[str] | None = None) -> None:
     except DataError as e:
         print(f"error: invalid data: {e}", file=sys.stderr)
         sys.exit(2)
-    except CheckpointError as e:
-        print(f"error: unusable checkpoint: {e}", file=sys.stderr)
+    except UsageError as e:  # a setting that cannot work (e.g. an unusable checkpoint), found before training
+        print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
 
 

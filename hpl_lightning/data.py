@@ -20,9 +20,9 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from hpl_lightning.curriculum import Curriculum, Slot, benchmark_of, epoch_batches, one_pass_members, phase_members
-from hpl_lightning.models import load_tokenizer
+from hpl_lightning.models import context_length, load_tokenizer
 from hpl_lightning.packing import pack
-from hpl_lightning.schema import LEVELS, load_records
+from hpl_lightning.schema import LEVELS, PreferencePair, Record, UsageError, load_records
 from hpl_lightning.tokenization import ChatTokenizer, Example, OverlongPolicy, TokenizationReport, UnscorablePolicy
 
 log = logging.getLogger(__name__)
@@ -90,6 +90,34 @@ def step_counts(per_rank: Sequence[list[list[Slot]]], examples: Sequence[Example
                     counts[index["bc_tokens" if ex.level == "bc" else "chosen_tokens"]] += ex.chosen.n_scored
         windows.append(counts)
     return [windows[b // accumulate] for b in range(n_batches)]
+
+
+def data_warnings(files: Sequence[tuple[str, Sequence[tuple[Record, int]]]]) -> list[str]:
+    """Legal but suspect records, one line per kind with its count and first place: pairs whose chosen equals
+    rejected (nothing to learn), pairs whose chosen_reward < rejected_reward (preference against the rewards), ids
+    found in more than one file (the same item trained twice, or a validation item trained on)."""
+    same, inverted, first_file = [], [], {}
+    duplicates: list[tuple[str, str, str]] = []
+    for path, records in files:
+        for record, line in records:
+            where = f"{path}:{line}"
+            if isinstance(record, PreferencePair):
+                if record.chosen == record.rejected:
+                    same.append(where)
+                if record.chosen_reward < record.rejected_reward:
+                    inverted.append(where)
+            if record.id in first_file and first_file[record.id][0] != path:
+                duplicates.append((record.id, first_file[record.id][1], where))
+            first_file.setdefault(record.id, (path, where))
+    out = []
+    if same:
+        out.append(f"{len(same)} pair(s) whose chosen equals rejected (first: {same[0]})")
+    if inverted:
+        out.append(f"{len(inverted)} pair(s) with chosen_reward < rejected_reward (first: {inverted[0]})")
+    if duplicates:
+        first_id, a, b = duplicates[0]
+        out.append(f"{len(duplicates)} id(s) in more than one file (first: {first_id!r} at {a} and {b})")
+    return out
 
 
 class ExampleDataset(Dataset):
@@ -246,11 +274,17 @@ class HPLDataModule(L.LightningDataModule):
         wanted = [s for s in wanted if s not in self.examples and self.paths[s]]
         if not wanted:
             return
+        context = context_length(self.hparams.tokenizer)
+        if context is not None and self.hparams.max_length > context:
+            raise UsageError(f"data.max_length {self.hparams.max_length} is above the context length {context} of "
+                             f"{self.hparams.tokenizer}: lower it to at most {context}")
         tokenizer = load_tokenizer(self.hparams.tokenizer)
         self._pad_id = tokenizer.pad_token_id
         chat = ChatTokenizer(tokenizer, self.hparams.max_length, self.hparams.overlong, self.hparams.unscorable)
         # Validate every file before tokenizing any: a typo in the val file should not wait for train tokenization.
         loaded = {s: [(p, load_records(p)) for p in self.paths[s]] for s in wanted}
+        for warning in data_warnings([f for files in loaded.values() for f in files]):
+            print(f"[hpl] warning: {warning}")
         if "fit" in loaded:
             self._resolve_curriculum([r for _, records in loaded["fit"] for r, _ in records])
         for split, files in loaded.items():

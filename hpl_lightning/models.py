@@ -123,6 +123,19 @@ def is_config_only(spec: str) -> bool:
     )
 
 
+def context_length(spec: str) -> int | None:
+    """The model's context length from its config (``max_position_embeddings`` or an alias); None if unknown."""
+    try:
+        config = AutoConfig.from_pretrained(resolve(spec))
+    except (OSError, ValueError):
+        return None
+    for name in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
+        value = getattr(config, name, None)
+        if isinstance(value, int) and value > 0:
+            return value
+    return None
+
+
 def load_tokenizer(spec: str):
     tokenizer = AutoTokenizer.from_pretrained(resolve(spec))
     if tokenizer.pad_token is None:

@@ -43,3 +43,36 @@ class DieInNextFileWrite(L.Callback):
         if trainer.global_step == self.step:
             signal.signal(signal.SIGXFSZ, signal.SIG_DFL)
             resource.setrlimit(resource.RLIMIT_FSIZE, (self.max_bytes, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+
+def die_after_appends(module: str, n: int) -> None:
+    """Makes ``module.append_jsonl`` (a crash-safe writer's one output path) SIGKILL the process right after its
+    ``n``-th record is flushed, having begun the next line as a kill in the middle of a write would leave it."""
+    import importlib
+
+    target = importlib.import_module(module)
+    append, calls = target.append_jsonl, [0]
+
+    def append_then_die(path, objs) -> None:
+        append(path, objs)
+        calls[0] += 1
+        if calls[0] == n:
+            with open(path, "a") as f:
+                f.write('{"key": "cut short by the kill')
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    target.append_jsonl = append_then_die
+
+
+if __name__ == "__main__":
+    # python -m tests.killers MODULE N SCRIPT.py|PACKAGE.MODULE ARGS...: run a command that dies after N records
+    import runpy
+    import sys
+
+    module, n, command, *rest = sys.argv[1:]
+    die_after_appends(module, int(n))
+    sys.argv = [command, *rest]
+    if command.endswith(".py"):
+        runpy.run_path(command, run_name="__main__")
+    else:
+        runpy.run_module(command, run_name="__main__", alter_sys=True)

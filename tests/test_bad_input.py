@@ -130,3 +130,32 @@ def test_utf16_file_is_named_as_such(tmp_path, capsys):
         main(_fit_args(tmp_path, train))
     assert exit_info.value.code == 2
     assert "error: invalid data: " f"{train}:1: UTF-16 text (byte order mark)" in capsys.readouterr().err
+
+
+def test_suspect_pairs_are_counted_and_printed_before_training(tmp_path, capsys):
+    from hpl_lightning.data import HPLDataModule
+
+    records = make_records(n_tasks=2)
+    pairs = [i for i, r in enumerate(records) if "chosen" in r]
+    same, inverted = records[pairs[0]], records[pairs[1]]
+    same["rejected"] = same["chosen"]
+    inverted["chosen_reward"], inverted["rejected_reward"] = 0.0, 1.0
+    train = write_jsonl(tmp_path / "train.jsonl", records)
+    val = write_jsonl(tmp_path / "val.jsonl", [records[pairs[2]], {**records[pairs[3]], "id": "val-only"}])
+    HPLDataModule(train_path=str(train), val_path=str(val), max_length=512).setup("fit")
+    warnings = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[hpl] warning:")]
+    assert warnings == [
+        f"[hpl] warning: 1 pair(s) whose chosen equals rejected (first: {train}:{pairs[0] + 1})",
+        f"[hpl] warning: 1 pair(s) with chosen_reward < rejected_reward (first: {train}:{pairs[1] + 1})",
+        f"[hpl] warning: 1 id(s) in more than one file (first: {records[pairs[2]]['id']!r} at {train}:{pairs[2] + 1} "
+        f"and {val}:1)",
+    ]
+
+
+def test_max_length_above_the_context_length_is_an_error(tmp_path, capsys):
+    train = write_jsonl(tmp_path / "train.jsonl", make_records(n_tasks=1))
+    with pytest.raises(SystemExit) as exit_info:
+        main(_fit_args(tmp_path, train, "--data.max_length=10000"))
+    assert exit_info.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        "error: data.max_length 10000 is above the context length 8192 of hpl-tiny: lower it to at most 8192")

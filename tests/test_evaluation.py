@@ -10,7 +10,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -259,17 +258,11 @@ def test_killed_evaluation_resumes_without_redoing(mysql_url: str, tmp_path: Pat
            "--policy", "hpl-tiny", "--max_new_tokens", "4", "--threads", "1", "--workers", "2", "--limit", "16",
            "--db_url", mysql_url, "--output_dir", str(tmp_path)]
     episodes = tmp_path / EPISODES_FILE
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while not (episodes.exists() and len(episodes.read_text().splitlines()) >= 5):
-            assert proc.poll() is None and time.monotonic() < deadline, "the evaluation ended or stalled early"
-            time.sleep(0.2)
-    finally:
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    with episodes.open("a") as f:  # as if the kill had cut a line being written
-        f.write('{"id": "intercode_sql/99", "gro')
+    # SIGKILLed right after its 5th episode is flushed, with the 6th line begun: deterministic, whatever the load
+    killed = subprocess.run([sys.executable, "-m", "tests.killers", "hpl_lightning.evaluation", "5", *cmd[1:]],
+                            cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert len(episodes.read_text().splitlines()) == 6 and not episodes.read_text().endswith("\n")
     kept = episodes.read_text().rsplit("\n", 1)[0] + "\n"
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]

@@ -10,7 +10,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -198,7 +197,8 @@ def fit(tmp: Path, *train: Path, max_length: int = 512) -> None:
 
 
 def keys(path: Path) -> list[str]:
-    return [json.loads(line)["key"] for line in path.read_text().splitlines() if line.strip()]
+    """Keys of the finished rollouts: whole lines only (a kill may have cut the last one)."""
+    return [json.loads(line)["key"] for line in path.read_text().splitlines(keepends=True) if line.endswith("\n")]
 
 
 def pair_levels(path: Path) -> dict[str, int]:
@@ -258,15 +258,13 @@ def test_killed_explore_resumes_to_the_same_rollouts(mysql_url: str, sql_experts
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     reference, killed = sql_rollouts[0], tmp_path / "killed.jsonl"
     args = ["explore", "--experts", str(sql_experts), "--output", str(killed), "--db_url", mysql_url, *SQL_EXPLORE]
-    proc = subprocess.Popen([sys.executable, "-m", "hpl_lightning.pipeline", *args], cwd=REPO, env=ENV,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 120
-    while (not killed.exists() or len(killed.read_text().splitlines()) < 20) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    # SIGKILLed right after its 20th rollout is flushed, with the 21st line begun: deterministic, whatever the load
+    proc = subprocess.run([sys.executable, "-m", "tests.killers", "hpl_lightning.explore", "20",
+                           "hpl_lightning.pipeline", *args], cwd=REPO, env=ENV, capture_output=True, timeout=600)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
     partial = keys(killed)
-    assert 20 <= len(partial) < len(keys(reference))
+    assert len(partial) == 20 < len(keys(reference))
+    assert not killed.read_text().endswith("\n")  # the cut line is there until the resumed run removes it
     pipeline(*args)
     assert f"{len(partial)} rollouts already in" in capsys.readouterr().out
     resumed = keys(killed)
