@@ -12,14 +12,15 @@ Every subcommand takes ``--config FILE.yaml`` and ``--print_config``; ``python e
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Any
 
 from jsonargparse import CLI
 
-from hpl_lightning.envs.intercode_replay import replay, start_server
+from hpl_lightning.envs.intercode_replay import ReplayStopped, replay, start_server
 from hpl_lightning.envs.sciworld import gold
-from hpl_lightning.evaluation import evaluate
+from hpl_lightning.evaluation import EvaluationAborted, evaluate
 from hpl_lightning.policies import LocalPolicy, OpenAIPolicy, Policy
 from hpl_lightning.schema import exit_2_on_bad_input
 
@@ -91,4 +92,8 @@ def run(
 
 if __name__ == "__main__":
     with exit_2_on_bad_input():
-        CLI([run, replay, gold], as_positional=False)
+        try:
+            CLI([run, replay, gold], as_positional=False)
+        except (EvaluationAborted, ReplayStopped) as e:  # finished work is saved; the message says how to resume
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)

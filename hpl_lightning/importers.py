@@ -6,72 +6,11 @@ written record is validated with the same schema ``train.py`` uses.
 
 from __future__ import annotations
 
-import json
-import os
-from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
-from hpl_lightning.schema import DataError, Trajectory, decode_jsonl_line, parse_trajectory, to_json, write_jsonl
+from hpl_lightning.schema import DataError, Trajectory, parse_trajectory, read_items, to_json, write_jsonl
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-
-
-def _skip_ws(text: str, i: int) -> int:
-    while i < len(text) and text[i] in " \t\r\n":
-        i += 1
-    return i
-
-
-def _top_level_items(text: str) -> Iterator[tuple[int, int | str, Any]]:
-    """(line, index or key, item) of a JSON array or object, parsed item by item so each knows its line."""
-    decoder, i = json.JSONDecoder(), _skip_ws(text, 0)
-    close = {"[": "]", "{": "}"}[text[i]]
-    i, n = _skip_ws(text, i + 1), 0
-    while text[i] != close:
-        key: int | str = n + 1
-        if close == "}":
-            key, i = decoder.raw_decode(text, i)
-            i = _skip_ws(text, i)
-            if text[i] != ":":
-                raise json.JSONDecodeError("Expecting ':' delimiter", text, i)
-            i = _skip_ws(text, i + 1)
-        line = text.count("\n", 0, i) + 1
-        item, i = decoder.raw_decode(text, i)
-        yield line, key, item
-        n, i = n + 1, _skip_ws(text, i)
-        if text[i] == ",":
-            i = _skip_ws(text, i + 1)
-        elif text[i] != close:
-            raise json.JSONDecodeError(f"Expecting ',' or '{close}'", text, i)
-
-
-def _is_json(text: str) -> bool:
-    try:
-        json.loads(text)
-    except (json.JSONDecodeError, RecursionError):
-        return False
-    return True
-
-
-def _read_items(path: str | os.PathLike) -> Iterator[tuple[int, int | str, Any]]:
-    """(line, index or key, item) from a JSON array, a JSON object keyed by id, or JSON Lines."""
-    data = Path(path).read_bytes()
-    try:
-        text = data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise DataError(path, data.count(b"\n", 0, e.start) + 1, None,
-                        f"not UTF-8: byte 0x{data[e.start]:02x}") from None
-    head = text.lstrip()
-    if head[:1] == "[" or (head[:1] == "{" and not _is_json(head.split("\n", 1)[0])):  # else: JSON Lines
-        try:
-            yield from list(_top_level_items(text))
-        except (json.JSONDecodeError, IndexError, RecursionError) as e:
-            pos = getattr(e, "pos", len(text))
-            raise DataError(path, text.count("\n", 0, pos) + 1, None, f"malformed JSON: {e}") from None
-        return
-    for lineno, raw in enumerate(data.splitlines(), start=1):
-        if raw.strip():
-            yield lineno, lineno, decode_jsonl_line(raw, path, lineno)
 
 
 def sharegpt_messages(conversations: list[dict[str, Any]]) -> list[dict[str, str]]:
@@ -100,7 +39,7 @@ def _trajectory(obj: dict[str, Any], messages: Any, task: str, where: tuple[str,
 def sharegpt(input: str, output: str, task: str = "agent") -> int:
     """ETO/IPR ShareGPT files (``conversations`` with ``from``/``value``); a missing ``reward`` means expert (1.0)."""
     records = []
-    for line, key, obj in _read_items(input):
+    for line, key, obj in read_items(input):
         try:
             messages = sharegpt_messages(obj["conversations"])
         except (KeyError, TypeError, ValueError) as e:
@@ -112,7 +51,7 @@ def sharegpt(input: str, output: str, task: str = "agent") -> int:
 def conversations(input: str, output: str, task: str = "agent") -> int:
     """Role/content conversations under ``messages`` or ``conversations``."""
     records = []
-    for line, key, obj in _read_items(input):
+    for line, key, obj in read_items(input):
         if not isinstance(obj, dict):
             raise DataError(input, line, None, "expected an object with 'messages' or 'conversations'")
         messages = obj.get("messages", obj.get("conversations"))
@@ -148,7 +87,7 @@ def intercode(input: str, output: str, success_only: bool = True) -> int:
     from hpl_lightning.envs.intercode_sql import INSTRUCTION
 
     records = []
-    for line, key, episode in _read_items(input):
+    for line, key, episode in read_items(input):
         try:
             trajectory = intercode_episode(str(key), episode, INSTRUCTION)
         except KeyError as e:

@@ -300,6 +300,65 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
                 yield lineno, decode_jsonl_line(raw, path, lineno)
 
 
+def _skip_ws(text: str, i: int) -> int:
+    while i < len(text) and text[i] in " \t\r\n":
+        i += 1
+    return i
+
+
+def _top_level_items(text: str) -> Iterator[tuple[int, int | str, Any]]:
+    """(line, index or key, item) of a JSON array or object, parsed item by item so each knows its line."""
+    decoder, i = json.JSONDecoder(), _skip_ws(text, 0)
+    close = {"[": "]", "{": "}"}[text[i]]
+    i, n = _skip_ws(text, i + 1), 0
+    while text[i] != close:
+        key: int | str = n + 1
+        if close == "}":
+            key, i = decoder.raw_decode(text, i)
+            i = _skip_ws(text, i)
+            if text[i] != ":":
+                raise json.JSONDecodeError("Expecting ':' delimiter", text, i)
+            i = _skip_ws(text, i + 1)
+        line = text.count("\n", 0, i) + 1
+        item, i = decoder.raw_decode(text, i)
+        yield line, key, item
+        n, i = n + 1, _skip_ws(text, i)
+        if text[i] == ",":
+            i = _skip_ws(text, i + 1)
+        elif text[i] != close:
+            raise json.JSONDecodeError(f"Expecting ',' or '{close}'", text, i)
+
+
+def _is_json(text: str) -> bool:
+    try:
+        json.loads(text)
+    except (json.JSONDecodeError, RecursionError):
+        return False
+    return True
+
+
+def read_items(path: str | os.PathLike) -> Iterator[tuple[int, int | str, Any]]:
+    """(line, index or key, item) from a JSON array, a JSON object keyed by id, or JSON Lines."""
+    data = Path(path).read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise DataError(path, data.count(b"\n", 0, e.start) + 1, None,
+                        f"not UTF-8: byte 0x{data[e.start]:02x}") from None
+    head = text.lstrip()
+    # one JSON document (an array, or an object keyed by id), else JSON Lines (objects, one a line)
+    if head[:1] == "[" or (head[:1] == "{" and (_is_json(text) or not _is_json(head.split("\n", 1)[0]))):
+        try:
+            yield from list(_top_level_items(text))
+        except (json.JSONDecodeError, IndexError, RecursionError) as e:
+            pos = getattr(e, "pos", len(text))
+            raise DataError(path, text.count("\n", 0, pos) + 1, None, f"malformed JSON: {e}") from None
+        return
+    for lineno, raw in enumerate(data.splitlines(), start=1):
+        if raw.strip():
+            yield lineno, lineno, decode_jsonl_line(raw, path, lineno)
+
+
 def load_records(path: str | os.PathLike) -> list[tuple[Record, int]]:
     """All records of a file with their line numbers; ids must be unique within the file."""
     if not Path(path).is_file():

@@ -156,8 +156,9 @@ def test_runaway_query_is_an_error_not_a_hang(mysql_url: str) -> None:
 
 
 @pytest.mark.mysql
-def test_replay_sample_agrees(mysql_url: str, capsys: pytest.CaptureFixture[str]) -> None:
-    result = replay(str(RECORDINGS), db_url=mysql_url, every=26)  # 40 episodes spread over all databases
+def test_replay_sample_agrees(mysql_url: str, capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    # 40 episodes spread over all databases
+    result = replay(str(RECORDINGS), db_url=mysql_url, every=26, output=str(tmp_path / "outcomes.jsonl"))
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1] == f"agreement: {result['matched']}/{result['total']}"
     assert result["total"] == 40 and result["mutated"] == 0
@@ -181,7 +182,7 @@ def test_replay_multiturn_style_and_mutations(mysql_url: str, tmp_path: Path) ->
     }
     path = tmp_path / "rec.json"
     path.write_text(json.dumps(recordings))
-    result = replay(str(path), db_url=mysql_url)
+    result = replay(str(path), db_url=mysql_url, output=str(tmp_path / "outcomes.jsonl"))
     assert (result["matched"], result["total"], result["mutated"]) == (2, 3, 1)
     assert result["disagreements"][0]["task_id"] == "intercode_sql/0" and result["disagreements"][0]["turn"] == 1
 

@@ -126,3 +126,41 @@ def test_partial_line_is_cut_in_place_and_readers_leave_it(tmp_path):
     assert list(read_rollouts(out)) == ["k"] and out.read_bytes().endswith(b'"task')  # a reader changes nothing
     assert repair_partial_line(out) == len(b'{"key": "k2", "task')
     assert out.read_bytes() == whole and out.stat().st_ino == inode  # truncated, not rewritten
+
+
+@pytest.mark.mysql
+def test_replay_stopped_by_the_server_records_what_finished_and_resumes(mysql_url, tmp_path, monkeypatch):
+    from hpl_lightning.envs import intercode_replay
+    from hpl_lightning.envs.base import EnvironmentCrashed
+
+    recordings, out = tmp_path / "rec.json", tmp_path / "outcomes.jsonl"
+    recordings.write_text(json.dumps(dict(list(json.loads(RECORDINGS.read_text()).items())[:5])))
+    real, calls = intercode_replay._replay_episode, []
+
+    def server_gone_at_the_4th(env, record, tolerance):
+        calls.append(record["task_id"])
+        if len(calls) == 4:
+            raise EnvironmentCrashed("SQL server failed while executing: (2013, 'Lost connection to server')")
+        return real(env, record, tolerance)
+
+    monkeypatch.setattr(intercode_replay, "_replay_episode", server_gone_at_the_4th)
+    with pytest.raises(intercode_replay.ReplayStopped) as stopped:
+        intercode_replay.replay(str(recordings), db_url=mysql_url, output=str(out))
+    assert str(stopped.value) == (
+        "replay stopped after 3 of 5 episodes: SQL server failed while executing: (2013, 'Lost connection to "
+        f"server'). The finished ones are in {out}; run the same command again to resume")
+    assert len(out.read_text().splitlines()) == 3
+    calls.clear()
+    result = intercode_replay.replay(str(recordings), db_url=mysql_url, output=str(out))
+    assert calls == [3, 4]  # only what had not finished
+    assert result["total"] + result["mutated"] == 5 and len(out.read_text().splitlines()) == 5
+
+
+def test_replay_of_a_corrupt_recordings_file_names_the_line(tmp_path):
+    recordings = tmp_path / "rec.json"
+    recordings.write_text('{\n  "0": {"task_id": 0, "turn_history": {}},\n  "1": {"task_id": 1,, }\n}\n')
+    done = subprocess.run([sys.executable, "evaluate.py", "replay", "--recordings", str(recordings), "--db_url",
+                           NO_SERVER, "--output", str(tmp_path / "o.jsonl")],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    assert done.stderr.strip().startswith(f"error: invalid data: {recordings}:3: malformed JSON")

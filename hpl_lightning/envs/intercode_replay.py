@@ -14,7 +14,6 @@ a total ORDER BY in its own order (it sorts GROUP BY output, MySQL 8 does not), 
 
 from __future__ import annotations
 
-import json
 import subprocess
 from collections import Counter
 from dataclasses import asdict, dataclass
@@ -23,6 +22,9 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
+from hpl_lightning.schema import DataError, append_jsonl, decode_jsonl_line, read_items
+
+from hpl_lightning.envs.base import EnvironmentCrashed
 from hpl_lightning.envs.intercode_sql import (
     DEFAULT_DATA_DIR,
     IntercodeSqlEnv,
@@ -46,6 +48,22 @@ class Disagreement:
     cause: str
     sql: str
     gold: str
+
+
+class ReplayStopped(RuntimeError):
+    """The server failed mid-replay; finished episodes are recorded and a rerun resumes."""
+
+
+def _read_outcomes(path: Path) -> list[dict[str, Any]]:
+    """Recorded outcomes; a last line cut short by a kill is ignored (and overwritten by the next append's line)."""
+    if not path.exists():
+        return []
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with path.open("rb+") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+    return [decode_jsonl_line(raw, path, n) for n, raw in enumerate(data.splitlines(keepends=True), 1)
+            if raw.endswith(b"\n") and raw.strip()]
 
 
 def start_server() -> str:
@@ -122,8 +140,12 @@ def replay(
     data_dir: str = str(DEFAULT_DATA_DIR),
     tolerance: float = 0.01,
     show: int = 50,
+    output: str | None = None,
 ) -> dict[str, Any]:
     """Replays recorded InterCode-SQL episodes and prints ``agreement: MATCHED/TOTAL`` as the last line.
+
+    Each replayed episode's outcome is appended to ``output`` as it finishes; a rerun skips the episodes found there,
+    so a replay stopped by a failing server (:class:`ReplayStopped`, which says why) resumes where it stopped.
 
     Args:
         recordings: InterCode log (JSON keyed by task id); default: the shared gpt-3.5 ReAct run (1034 episodes).
@@ -133,21 +155,39 @@ def replay(
         data_dir: folder with ``ic_spider_dev.json``.
         tolerance: largest reward difference that still agrees.
         show: how many disagreements to print in full (all are counted and returned).
+        output: outcomes JSONL (resumed from); default ``runs/replay/<recordings file name>.jsonl``.
 
     Returns:
         matched, total (episodes that did not mutate their database), mutated, agreement, disagreements, causes.
     """
-    episodes = list(json.loads(Path(recordings).read_text()).values())[::every][:limit]
+    episodes = [(line, record) for line, _, record in read_items(recordings)][::every][:limit]
+    for line, record in episodes:
+        for key in ("task_id", "turn_history"):
+            if not isinstance(record, dict) or key not in record:
+                raise DataError(recordings, line, key, "missing: not an InterCode recording")
+    out = Path(output or Path("runs") / "replay" / f"{Path(recordings).stem}.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = {o["task_id"]: o for o in _read_outcomes(out) if o["tolerance"] == tolerance}
     url = db_url or start_server()
     disagreements: list[Disagreement] = []
     mutated: list[str] = []
     with IntercodeSqlEnv(db_url=url, data_dir=data_dir, max_turns=10**6) as env:
-        for record in tqdm(episodes, desc="replay", unit="episode"):
-            found = _replay_episode(env, record, tolerance)
-            if env.mutated:
-                mutated.append(env.task(int(record["task_id"])).id)
-            elif found is not None:
-                disagreements.append(found)
+        for i, (_, record) in enumerate(tqdm(episodes, desc="replay", unit="episode")):
+            tid = env.task(int(record["task_id"])).id
+            outcome = done.get(tid)
+            if outcome is None:
+                try:
+                    found = _replay_episode(env, record, tolerance)
+                except EnvironmentCrashed as e:
+                    raise ReplayStopped(f"replay stopped after {i} of {len(episodes)} episodes: {e}. The finished "
+                                        f"ones are in {out}; run the same command again to resume") from None
+                outcome = {"task_id": tid, "tolerance": tolerance, "mutated": env.mutated,
+                           "disagreement": None if found is None else asdict(found)}
+                append_jsonl(out, [outcome])
+            if outcome["mutated"]:
+                mutated.append(tid)
+            elif outcome["disagreement"] is not None:
+                disagreements.append(Disagreement(**outcome["disagreement"]))
     total = len(episodes) - len(mutated)
     matched = total - len(disagreements)
     causes = Counter(d.cause.split(":")[0] for d in disagreements)
