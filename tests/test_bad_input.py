@@ -96,20 +96,20 @@ def _nested(depth: int) -> bytes:
     return json.dumps({**record, "meta": {"x": "NEST"}}).replace('"NEST"', "[" * depth + "]" * depth).encode()
 
 
-def _with_content(text: str) -> bytes:
-    record = make_records(n_tasks=1)[1]
-    record["chosen"][0]["content"] = text
+def _with_content(line: int, text: str) -> bytes:
+    record = make_records(n_tasks=1)[line - 1]
+    record["chosen" if "chosen" in record else "messages"][0]["content"] = text
     return json.dumps(record).encode()
 
 
 ENCODING_CASES = {
-    "latin-1 byte": (2, _with_content("caf\u00e9").replace(b"\\u00e9", b"\xe9"),
+    "latin-1 byte": (2, _with_content(2, "caf\u00e9").replace(b"\\u00e9", b"\xe9"),
                      "train.jsonl:2: not UTF-8: byte 0xe9 at column"),
-    "lone surrogate": (3, _with_content("x").replace(b'"x"', b'"\\ud800x"'),
+    "lone surrogate": (3, _with_content(3, "x").replace(b'"x"', b'"\\ud800x"'),
                        "train.jsonl:3: field 'chosen[0].content': lone surrogate \\ud800 at character 0"),
     "nested 100000 deep": (2, _nested(100_000), "train.jsonl:2: nested deeper than 64 levels"),
     "nested 100 deep": (2, _nested(100), "train.jsonl:2: field 'meta.x"),
-    "2 MB record": (4, _with_content("y" * 2_000_000), "train.jsonl:4: record longer than 1,048,576 bytes"),
+    "2 MB record": (4, _with_content(4, "y" * 2_000_000), "train.jsonl:4: record longer than 1,048,576 bytes"),
 }
 
 
