@@ -85,6 +85,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, Path(path))
 
 
+def use_atomic_checkpoint_io(strategy: Any) -> None:
+    """Makes ``strategy`` write through :class:`AtomicCheckpointIO` if it has Lightning's default writer."""
+    if type(strategy.checkpoint_io) is TorchCheckpointIO:
+        strategy.checkpoint_io = AtomicCheckpointIO()
+
+
 # ------------------------------------------------------------------------------------------------ checking
 def _zip_problem(path: Path) -> str | None:
     """What is wrong with a torch zip checkpoint (every member's CRC is checked), or None."""

@@ -7,11 +7,13 @@ step runs; the CLI prints it as one line naming file, line and field, and exits 
 from __future__ import annotations
 
 import sys
+from typing import Any
 
+from lightning.pytorch import Trainer
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI
 
-from hpl_lightning.checkpointing import resume_checkpoint
+from hpl_lightning.checkpointing import resume_checkpoint, use_atomic_checkpoint_io
 from hpl_lightning.data import HPLDataModule
 from hpl_lightning.module import HPLModule
 from hpl_lightning.schema import DataError, UsageError
@@ -42,10 +44,15 @@ class HPLCLI(LightningCLI):
                 "trainer.max_epochs": 3,
                 "trainer.use_distributed_sampler": False,
                 "trainer.reload_dataloaders_every_n_epochs": 1,
-                # checkpoints written beside their final name and renamed: atomic even when $TMPDIR is elsewhere
-                "trainer.plugins": {"class_path": "hpl_lightning.checkpointing.AtomicCheckpointIO"},
             }
         )
+
+    def instantiate_trainer(self, **kwargs: Any) -> Trainer:
+        """Lightning's default checkpoint writer swapped for the atomic one (also when ``--trainer.plugins`` names
+        other plugins, e.g. SLURMEnvironment); a checkpoint IO chosen by the user is kept."""
+        trainer = super().instantiate_trainer(**kwargs)
+        use_atomic_checkpoint_io(trainer.strategy)
+        return trainer
 
     def before_fit(self) -> None:
         """A damaged ``--ckpt_path`` is named; ``last`` falls back to the newest intact checkpoint."""

@@ -133,3 +133,15 @@ def test_resume_with_nothing_intact_is_one_line_and_exit_2(train, tmp_path):
     assert done.stderr.strip().splitlines()[-1] == (
         f"error: unusable checkpoint: {ckpt / 'last.ckpt'}: empty file (0 bytes); no intact checkpoint beside it in "
         f"{ckpt} to resume from (move it away to start afresh)")
+
+
+@pytest.mark.parametrize("extra", [[], ["--trainer.plugins=lightning.pytorch.plugins.environments.SLURMEnvironment"]])
+def test_the_trainer_writes_checkpoints_atomically_whatever_the_plugins(tmp_path, extra):
+    from hpl_lightning.checkpointing import AtomicCheckpointIO
+    from hpl_lightning.cli import HPLCLI
+    from hpl_lightning.data import HPLDataModule
+    from hpl_lightning.module import HPLModule
+
+    cli = HPLCLI(HPLModule, HPLDataModule, run=False,
+                 args=["--trainer.accelerator=cpu", f"--trainer.default_root_dir={tmp_path}", *extra])
+    assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
