@@ -203,7 +203,8 @@ def check_explorable(path: str, experts: Sequence[tuple[Trajectory, int]], bench
     if benchmark == "intercode_sql":
         from hpl_lightning.envs.intercode_sql import DEFAULT_DATA_DIR
 
-        n_tasks = len(json.loads((Path(env_kwargs.get("data_dir", DEFAULT_DATA_DIR)) / "ic_spider_dev.json").read_text()))
+        tasks_file = Path(env_kwargs.get("data_dir", DEFAULT_DATA_DIR)) / "ic_spider_dev.json"
+        n_tasks = len(json.loads(tasks_file.read_text()))
     elif benchmark == "sciworld":
         from hpl_lightning.envs.sciworld import DEFAULT_SPLITS, SciWorldSplits, parse_task_id
 
@@ -314,31 +315,25 @@ def explore(
     check_explorable(experts, found, benchmark, exploration.levels, kwargs)
     trajectories = [t for t, _ in found]
     path = Path(output)
-    with output_lock(path):
-        return _explore(trajectories, path, benchmark, exploration, policy, base_url, envs, max_new_tokens,
-                        temperature, batch_size, threads, seed, dtype, device, db_url, kwargs, progress)
+    with output_lock(path):  # one writer per output; taken before any environment or model starts
+        if benchmark == "intercode_sql" and "db_url" not in kwargs:
+            from hpl_lightning.envs.intercode_replay import start_server
 
-
-def _explore(trajectories: list[Trajectory], path: Path, benchmark: str, exploration: ExploreConfig, policy: str,
-             base_url: str | None, envs: int, max_new_tokens: int, temperature: float, batch_size: int,
-             threads: int | None, seed: int, dtype: str, device: str, db_url: str | None, kwargs: dict[str, Any],
-             progress: bool) -> dict[str, Any]:
-    if benchmark == "intercode_sql" and "db_url" not in kwargs:
-        from hpl_lightning.envs.intercode_replay import start_server
-
-        kwargs["db_url"] = db_url or start_server()
-    if benchmark == "sciworld":
-        kwargs.setdefault("step_budget", False)
-    policies = make_policies(policy, base_url, max_new_tokens, temperature, batch_size, threads, seed, dtype, device)
-    spec = BENCHMARKS[benchmark]
-    with EnvPool(lambda: spec.make_env(**kwargs), envs) as pool:
-        explorer = Explorer(pool, policies, path, exploration, progress)
-        resolve = task_resolver(benchmark, pool.envs[0])
-        tasks = {t.id: resolve(t) for t in trajectories}  # before any episode: sciworld's task() loads a variation
-        total = count_plans(trajectories, exploration)
-        print(f"{benchmark}: {len(trajectories)} expert trajectories, {total} plans, {explorer.resumed} rollouts "
-              f"already in {path}, {pool.size} environment(s)")
-        summary = explorer.run(plans(trajectories, lambda t: tasks[t.id], exploration), total)
+            kwargs["db_url"] = db_url or start_server()
+        if benchmark == "sciworld":
+            kwargs.setdefault("step_budget", False)
+        policies = make_policies(policy, base_url, max_new_tokens, temperature, batch_size, threads, seed, dtype,
+                                 device)
+        spec = BENCHMARKS[benchmark]
+        with EnvPool(lambda: spec.make_env(**kwargs), envs) as pool:
+            explorer = Explorer(pool, policies, path, exploration, progress)
+            resolve = task_resolver(benchmark, pool.envs[0])
+            # before any episode: sciworld's task() loads a variation
+            tasks = {t.id: resolve(t) for t in trajectories}
+            total = count_plans(trajectories, exploration)
+            print(f"{benchmark}: {len(trajectories)} expert trajectories, {total} plans, {explorer.resumed} rollouts "
+                  f"already in {path}, {pool.size} environment(s)")
+            summary = explorer.run(plans(trajectories, lambda t: tasks[t.id], exploration), total)
     print(format_timer(summary))
     return summary
 
