@@ -16,11 +16,10 @@ import lightning as L
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.strategies import FSDPStrategy
 import torch
-import torch.nn.functional as F
 from torchmetrics import MeanMetric
 from transformers import get_scheduler
 
-from hpl_lightning import refcache
+from hpl_lightning import logprobs, refcache
 from hpl_lightning.data import LEVEL_CODES, STEP_COUNTS
 from hpl_lightning.distributed import fully_shard_model
 from hpl_lightning.losses import LEVEL_KEYS, LossType, objective_share, preference_loss
@@ -199,18 +198,20 @@ class HPLModule(L.LightningModule):
     ):
         """Summed log-prob of the scored tokens per sequence, the number of scored tokens, and the token log-probs.
 
-        Per-pair batches: token log-probs ``[rows, T-1]``. Packed batches: the tree rows are run whole (``rows``
-        selects sequences afterwards) and token log-probs are one per unique scored token. Training sums in
-        float64 (``sum_dtype``): DPO takes differences of differences of sums of hundreds of token log-probs.
+        The LM head runs on scored positions only (:mod:`hpl_lightning.logprobs`). Token log-probs: one per scored
+        token (per-pair), one per unique scored token (packed: the tree rows are run whole and ``rows`` selects
+        sequences afterwards). Training sums in float64 (``sum_dtype``): DPO takes differences of differences of
+        sums of hundreds of token log-probs.
         """
         if "tree_end" in batch:
             logps, n_tokens, token_logps = _packed_logps(model, batch, sum_dtype)
             return logps[rows], n_tokens[rows], token_logps
         input_ids, attention_mask = batch["input_ids"][rows], batch["attention_mask"][rows]
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False).logits[:, :-1]
-        labels, mask = input_ids[:, 1:], batch["scored"][rows, 1:]
-        token_logps = -F.cross_entropy(logits.float().transpose(1, 2), labels, reduction="none")
-        return (token_logps.to(sum_dtype) * mask).sum(-1), mask.sum(-1), token_logps
+        hidden = logprobs.final_hidden_states(model, input_ids=input_ids, attention_mask=attention_mask)
+        mask = batch["scored"][rows, 1:]  # token t is scored from the hidden state at t - 1
+        token_logps = logprobs.token_logps(model, hidden[:, :-1][mask], input_ids[:, 1:][mask])
+        per_token = torch.zeros(mask.shape, dtype=sum_dtype, device=mask.device)
+        return per_token.masked_scatter(mask, token_logps.to(sum_dtype)).sum(-1), mask.sum(-1), token_logps
 
     def reference_logps(self, batch: dict[str, Any], rows: slice) -> torch.Tensor:
         with torch.no_grad():
@@ -402,8 +403,8 @@ def _metric_key(stage: str, level: str, stat: str) -> str:
 
 
 def _packed_logps(model: torch.nn.Module, batch: dict[str, Any], sum_dtype: torch.dtype):
-    """One forward over tree rows with a tree mask and depth position ids; logits only where a scored token needs
-    them. SDPA takes a boolean 4D mask, eager an additive one, FlexAttention a BlockMask (GPU; untested on CPU)."""
+    """One forward over tree rows with a tree mask and depth position ids; the LM head only at parents of scored
+    tokens. SDPA takes a boolean 4D mask, eager an additive one, FlexAttention a BlockMask."""
     attn = model.config._attn_implementation
     if attn == "flex_attention":
         mask = tree_block_mask(batch["tree_end"])
@@ -413,11 +414,9 @@ def _packed_logps(model: torch.nn.Module, batch: dict[str, Any], sum_dtype: torc
         mask = tree_attention_mask(batch["tree_end"], model.dtype)
     else:
         raise ValueError(f"packing needs an attention with arbitrary masks (sdpa, eager, flex_attention), not {attn}")
-    logits = model(
-        input_ids=batch["input_ids"],
-        attention_mask=mask,
-        position_ids=batch["position_ids"],
-        logits_to_keep=batch["logit_keep"],
-        use_cache=False,
-    ).logits
-    return packed_sequence_logps(logits, batch, batch["n_seqs"], sum_dtype)
+    hidden = logprobs.final_hidden_states(
+        model, input_ids=batch["input_ids"], attention_mask=mask, position_ids=batch["position_ids"]
+    )
+    hidden = hidden.reshape(-1, hidden.shape[-1])[batch["target_parent"]]
+    token_logps = logprobs.token_logps(model, hidden, batch["target_label"])
+    return packed_sequence_logps(token_logps, batch, batch["n_seqs"], sum_dtype)

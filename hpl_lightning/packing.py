@@ -12,8 +12,8 @@ In pre-order the descendants of node ``j`` are the contiguous range ``[j, end[j]
 ``allowed[q, k] = k <= q < end[k]``: the batch carries ``tree_end`` (one int per token) instead of a W x W mask, and
 the same predicate is a FlexAttention ``mask_mod`` on GPU.
 
-A token's log-prob is read from the logits at its parent node. Only parents of scored tokens are projected onto the
-vocabulary (``logits_to_keep``), and a branch point's logits serve all of its children.
+A token's log-prob is read from the hidden state at its parent node: only parents of scored tokens are projected onto
+the vocabulary (:mod:`hpl_lightning.logprobs`).
 """
 
 from __future__ import annotations
@@ -28,18 +28,17 @@ from hpl_lightning.tokenization import TokenizedSequence
 
 @dataclass(frozen=True)
 class PackedBatch:
-    """Packed rows plus the map from each sequence's scored tokens back to the packed logits.
+    """Packed rows plus the map from each sequence's scored tokens back to the packed hidden states.
 
-    ``logit_keep[r, p]``: the logits at ``(r, p)`` are needed; the model returns them flattened (row-major) as K rows.
-    Unique scored tokens ``u``: log-prob = ``logits[target_logit[u], target_label[u]]`` (log-softmaxed). Entries
-    ``e`` (one per scored token of one sequence): sequence ``entry_seq[e]`` counts unique token ``entry_target[e]``.
+    Unique scored tokens ``u``: log-prob of ``target_label[u]`` given the hidden state at flat (row-major) position
+    ``target_parent[u]`` of the rows. Entries ``e`` (one per scored token of one sequence): sequence ``entry_seq[e]``
+    counts unique token ``entry_target[e]``.
     """
 
     input_ids: torch.Tensor  # [R, W]
     position_ids: torch.Tensor  # [R, W]
     tree_end: torch.Tensor  # [R, W]
-    logit_keep: torch.Tensor  # [R, W] bool
-    target_logit: torch.Tensor  # [U]
+    target_parent: torch.Tensor  # [U]
     target_label: torch.Tensor  # [U]
     entry_target: torch.Tensor  # [E]
     entry_seq: torch.Tensor  # [E]
@@ -125,15 +124,11 @@ def pack(seqs: Sequence[TokenizedSequence], pad_id: int, max_row_tokens: int | N
     entry_node_t, entry_parent_t = torch.cat(entry_node), torch.cat(entry_parent)
     unique_nodes, entry_target = torch.unique(entry_node_t, return_inverse=True)
     parent_of = torch.empty_like(unique_nodes).scatter_(0, entry_target, entry_parent_t)  # one parent per node
-    keep = torch.zeros(n_rows * width, dtype=torch.bool)
-    keep[parent_of] = True
-    rank = torch.cumsum(keep, 0) - 1
     return PackedBatch(
         input_ids=input_ids,
         position_ids=position_ids,
         tree_end=tree_end,
-        logit_keep=keep.view(n_rows, width),
-        target_logit=rank[parent_of],
+        target_parent=parent_of,
         target_label=input_ids.view(-1)[unique_nodes],
         entry_target=entry_target,
         entry_seq=torch.cat(entry_seq),
@@ -155,10 +150,8 @@ def tree_attention_mask(tree_end: torch.Tensor, additive_dtype: torch.dtype | No
 
 
 def tree_block_mask(tree_end: torch.Tensor):
-    """The same mask as a FlexAttention ``BlockMask`` (block-sparse: attention to other branches is skipped).
-
-    For ``attn_implementation='flex_attention'`` on GPU; not exercised by the CPU test suite.
-    """
+    """The same mask as a FlexAttention ``BlockMask`` (block-sparse: attention to other branches is skipped), for
+    ``attn_implementation='flex_attention'``."""
     from torch.nn.attention.flex_attention import create_block_mask
 
     def mask_mod(b, h, q, k):
@@ -169,17 +162,12 @@ def tree_block_mask(tree_end: torch.Tensor):
 
 
 def packed_sequence_logps(
-    logits: torch.Tensor, packed: dict[str, torch.Tensor], n_seqs: int, sum_dtype: torch.dtype = torch.float32
+    token_logps: torch.Tensor, packed: dict[str, torch.Tensor], n_seqs: int, sum_dtype: torch.dtype = torch.float32
 ):
-    """Summed log-prob and number of scored tokens per sequence, and the log-prob of each unique scored token.
-
-    ``logits``: the ``[K, V]`` (or ``[1, K, V]``) logits at ``logit_keep``. Only the K kept rows are normalised.
-    """
-    logits = logits.reshape(-1, logits.shape[-1]).float()
-    lse = torch.logsumexp(logits, -1)
-    token_logps = logits[packed["target_logit"], packed["target_label"]] - lse[packed["target_logit"]]
+    """Summed log-prob and number of scored tokens per sequence from the log-prob of each unique scored token
+    (``token_logps[u]``, see :class:`PackedBatch`); returns ``token_logps`` too."""
     entry_seq = packed["entry_seq"]
-    logps = torch.zeros(n_seqs, dtype=sum_dtype, device=logits.device)
+    logps = torch.zeros(n_seqs, dtype=sum_dtype, device=token_logps.device)
     logps = logps.index_add(0, entry_seq, token_logps[packed["entry_target"]].to(sum_dtype))
     n_tokens = torch.bincount(entry_seq, minlength=n_seqs)
     return logps, n_tokens, token_logps

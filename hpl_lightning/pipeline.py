@@ -33,6 +33,7 @@ from hpl_lightning.explore import (
     plans,
     read_rollouts,
 )
+from hpl_lightning.logprobs import final_hidden_states, token_entropies
 from hpl_lightning.pairs import PairFilters, build_pairs
 from hpl_lightning.policies import LocalPolicy, OpenAIPolicy, Policy
 from hpl_lightning.schema import (
@@ -120,10 +121,9 @@ def action_entropies(policy: LocalPolicy, trajectory: Trajectory, max_length: in
     enc = policy.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = enc["input_ids"], enc["offset_mapping"]
     cut = max(0, len(ids) - max_length)
-    logits = policy.model(torch.tensor([ids[cut:]], device=policy.device)).logits[0].float()
-    logp = torch.log_softmax(logits, dim=-1)
-    entropy = -(logp.exp() * logp).sum(-1)  # entropy[j] = H of the distribution predicting token cut + j + 1
+    hidden = final_hidden_states(policy.model, input_ids=torch.tensor([ids[cut:]], device=policy.device))[0]
     out = []
+    # the entropy of the distribution predicting token j comes from the hidden state at j - 1
     for k, (a, b) in enumerate(spans):
         positions = [j - cut - 1 for j, (start, _) in enumerate(offsets) if a <= start < b]
         if not positions or min(positions) < 0:
@@ -131,7 +131,7 @@ def action_entropies(policy: LocalPolicy, trajectory: Trajectory, max_length: in
                 f"trajectory {trajectory.id!r}: action {k} is not within the last max_length={max_length} tokens of "
                 f"its {len(ids)}-token conversation; raise --max_length to compute its entropy"
             )
-        out.append(float(entropy[positions].mean()))
+        out.append(float(token_entropies(policy.model, hidden[positions]).mean()))
     return out
 
 
