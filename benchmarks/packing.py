@@ -7,8 +7,10 @@ observation from the environment), and, when given (``--sciworld gold.jsonl`` fr
 ``hpl_lightning.envs.sciworld.gold_experts``), ScienceWorld pairs with long trunks built on the real gold trajectories
 whose rejected branches are SYNTHETIC: real actions and observations of the same trajectory in another order (no
 policy rollouts were available). "Unique tokens" are the distinct token prefixes of a batch (the trie's nodes).
-Last lines: ``tokens_per_unique`` (packed computed tokens, padding included, per unique token) and ``ratio``
-(per-pair over packed wall time).
+The two layouts alternate over ``--repeats`` rounds in one process (the first side alternating too) and each
+dataset reports its median per-pair / packed time ratio with the spread. Last lines: ``tokens_per_unique`` (packed
+computed tokens, padding included, per unique token) and ``ratio`` (median over rounds of per-pair over packed wall
+time, all datasets together).
 
     python benchmarks/packing.py [--sciworld /tmp/sw/gold.jsonl] [--pairs data/quickstart-sciworld/train.jsonl]
 """
@@ -16,7 +18,9 @@ Last lines: ``tokens_per_unique`` (packed computed tokens, padding included, per
 from __future__ import annotations
 
 import argparse
+import os
 import random
+import statistics
 import sys
 import tempfile
 import time
@@ -74,16 +78,13 @@ def task_batches(records: list[dict], max_length: int) -> list[list[Example]]:
     return list(groups.values())
 
 
-def measure(module: HPLModule, batches: list[dict], repeats: int) -> float:
-    """Wall time of training steps (forward, loss, backward) over all batches, best of ``repeats``."""
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        for batch in batches:
-            module.policy.zero_grad()
-            module._step(batch, "val").backward()
-        best = min(best, time.perf_counter() - start)
-    return best
+def measure(module: HPLModule, batches: list[dict]) -> float:
+    """Wall time of training steps (forward, loss, backward) over all batches."""
+    start = time.perf_counter()
+    for batch in batches:
+        module.policy.zero_grad()
+        module._step(batch, "val").backward()
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -93,7 +94,7 @@ def main() -> None:
                         help="more real HPL data (JSONL in the data contract), e.g. data/quickstart-sciworld/train.jsonl")
     parser.add_argument("--no-intercode", action="store_true", help="skip the bundled InterCode-SQL pairs")
     parser.add_argument("--max-length", type=int, default=8192)
-    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3, help="alternating rounds of per-pair and packed")
     args = parser.parse_args()
     datasets = {} if args.no_intercode else {"intercode_sql (real pairs)": read_records(QUICKSTART)}
     for path in args.pairs:
@@ -105,7 +106,8 @@ def main() -> None:
         modules = {p: HPLModule(policy=model, packing=p) for p in (False, True)}
         for m in modules.values():
             m.configure_model()
-        totals = defaultdict(float)
+        totals: dict[str, float] = defaultdict(float)
+        times: dict[str, dict[bool, list[float]]] = defaultdict(lambda: {False: [], True: []})
         for name, records in datasets.items():
             groups = task_batches(records, args.max_length)
             items = [[(ex, False) for ex in g] for g in groups]
@@ -116,21 +118,26 @@ def main() -> None:
                 "per_pair_real_tokens": sum(int(b["attention_mask"].sum()) for b in per_pair),
                 "packed_tokens": sum(b["input_ids"].numel() for b in packed),
                 "unique_tokens": sum(b["n_unique"] for b in packed),
-                "per_pair_s": measure(modules[False], per_pair, args.repeats),
-                "packed_s": measure(modules[True], packed, args.repeats),
             }
-            for k, v in figures.items():
-                totals[k] += v
+            for key in ("packed_tokens", "unique_tokens"):
+                totals[key] += figures[key]
+            for r in range(args.repeats):  # alternating, the side that goes first alternating too
+                for packing in ((False, True) if r % 2 == 0 else (True, False)):
+                    times[name][packing].append(measure(modules[packing], packed if packing else per_pair))
+            ratios = [a / b for a, b in zip(times[name][False], times[name][True])]
             n_pairs = sum(b["n_pairs"] for b in packed)
             print(f"{name}: {len(groups)} tasks, {n_pairs} pairs; per-pair computes "
                   f"{figures['per_pair_tokens'] / figures['unique_tokens']:.2f} tokens per unique token "
                   f"({figures['per_pair_real_tokens'] / figures['unique_tokens']:.2f} without padding), packed "
                   f"{figures['packed_tokens'] / figures['unique_tokens']:.3f}; step time per-pair "
-                  f"{figures['per_pair_s']:.2f}s, packed {figures['packed_s']:.2f}s "
-                  f"({figures['per_pair_s'] / figures['packed_s']:.2f}x)", flush=True)
+                  f"{statistics.median(times[name][False]):.2f}s, packed {statistics.median(times[name][True]):.2f}s "
+                  f"(median of {args.repeats}); ratio {statistics.median(ratios):.2f}x "
+                  f"(min {min(ratios):.2f}, max {max(ratios):.2f}); load {os.getloadavg()[0]:.1f}", flush=True)
+    rounds = [sum(times[n][False][r] for n in times) / sum(times[n][True][r] for n in times)
+              for r in range(args.repeats)]
     print(f"torch threads {torch.get_num_threads()}, model small Qwen2 (hidden 128, 2 layers), fp32, CPU")
     print(f"tokens_per_unique: {totals['packed_tokens'] / totals['unique_tokens']:.4f}")
-    print(f"ratio: {totals['per_pair_s'] / totals['packed_s']:.4f}")
+    print(f"ratio: {statistics.median(rounds):.4f}")
 
 
 if __name__ == "__main__":

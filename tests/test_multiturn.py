@@ -72,15 +72,16 @@ def test_group_logps_are_the_sum_over_exactly_their_agent_tokens_and_observation
     module.configure_model()
     captured = {}
 
-    def keep_logits(_module, _inputs, output):
-        output.retain_grad()
-        captured["logits"] = output
+    def keep_hidden(_module, _inputs, output):  # the final hidden states: position t feeds only the head at t
+        output.last_hidden_state.retain_grad()
+        captured["hidden"] = output.last_hidden_state
 
-    module.policy.lm_head.register_forward_hook(keep_logits)
+    module.policy.get_decoder().register_forward_hook(keep_hidden)
     logps, n_tokens, _ = module.sequence_logps(module.policy, batch)
 
-    # independent recomputation: log-softmax over the vocabulary, gathered at the agent tokens only
-    logits = captured["logits"].detach()
+    # independent recomputation: full logits, log-softmax over the vocabulary, gathered at the agent tokens only
+    with torch.no_grad():
+        logits = module.policy.lm_head(captured["hidden"])
     for row, seq in enumerate((pair.chosen, pair.rejected, expert.chosen)):
         ids = torch.tensor(seq.input_ids)
         token_logps = torch.log_softmax(logits[row, : len(ids) - 1], -1).gather(1, ids[1:, None])[:, 0]
@@ -88,9 +89,9 @@ def test_group_logps_are_the_sum_over_exactly_their_agent_tokens_and_observation
         assert torch.allclose(logps[row], token_logps[mask].sum(), atol=1e-4)
         assert n_tokens[row] == mask.sum()
 
-    # the full objective (DPO + BC on the expert trajectory) back-propagated to the logits
+    # the full objective (DPO + BC on the expert trajectory) back-propagated to the final hidden states
     module._step(batch, "val").backward()
-    grad = captured["logits"].grad.abs().sum(-1)  # [rows, positions]; position t predicts token t+1
+    grad = captured["hidden"].grad.abs().sum(-1)  # [rows, positions]; position t predicts token t+1
     for row in range(3):
         predicts_scored = batch["scored"][row, 1:]
         assert (grad[row, :-1][~predicts_scored] == 0).all(), "a context token received gradient"
