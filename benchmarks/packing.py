@@ -94,6 +94,7 @@ def main() -> None:
                         help="more real HPL data (JSONL in the data contract), e.g. data/quickstart-sciworld/train.jsonl")
     parser.add_argument("--no-intercode", action="store_true", help="skip the bundled InterCode-SQL pairs")
     parser.add_argument("--max-length", type=int, default=8192)
+    parser.add_argument("--max-tasks", type=int, help="only the first N tasks of each dataset (a loaded machine)")
     parser.add_argument("--repeats", type=int, default=3, help="alternating rounds of per-pair and packed")
     args = parser.parse_args()
     datasets = {} if args.no_intercode else {"intercode_sql (real pairs)": read_records(QUICKSTART)}
@@ -109,7 +110,7 @@ def main() -> None:
         totals: dict[str, float] = defaultdict(float)
         times: dict[str, dict[bool, list[float]]] = defaultdict(lambda: {False: [], True: []})
         for name, records in datasets.items():
-            groups = task_batches(records, args.max_length)
+            groups = task_batches(records, args.max_length)[: args.max_tasks]
             items = [[(ex, False) for ex in g] for g in groups]
             per_pair = [collate(i, 0) for i in items]
             packed = [collate(i, 0, packing=True) for i in items]
