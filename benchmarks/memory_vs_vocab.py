@@ -5,8 +5,8 @@ trajectory pairs (the bundled InterCode-SQL data, tiny tokenizer, so the token i
 every V) with a small Qwen2 (hidden 256, 4 layers, tied embeddings) whose vocabulary is 2,048, 49,152 and 151,936.
 Memory is counted as live tensor bytes: the weights (both models) plus the peak of the storages the step allocates
 (activations, logits, temporaries, gradients, AdamW state), counted by a dispatch mode. Gradients and AdamW state
-of the embedding grow with V on both sides alike (3 x V x 256 x 4 bytes: 144 MiB at V=49k, 445 MiB at V=152k). Last line: ``ratio: <TRL peak / our peak at the
-largest V>``.
+of the embedding grow with V on both sides alike (3 x V x 256 x 4 bytes: 144 MiB at V=49k, 445 MiB at V=152k).
+Last line: ``ratio: <TRL peak / our peak at the largest V>``.
 
     python benchmarks/memory_vs_vocab.py [--batch-size 2] [--vocabs tiny smollm2 qwen2.5]
 """

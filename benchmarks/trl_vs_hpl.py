@@ -1,12 +1,12 @@
 """Trajectory-level DPO throughput: ``train.py fit`` (HPLModule via LightningCLI, in-process) vs TRL's DPOTrainer.
 
 Identical pairs (the bundled real InterCode-SQL trajectory pairs), model (a small Qwen2, hidden 256, 4 layers),
-batch size, max length, optimizer steps, beta and learning rate; CPU fp32 (``--accelerator gpu``: bf16-mixed). ``--vocab`` sets the LM head's size
-(tiny 2,048, SmolLM2's 49,152, Qwen2.5's 151,936) and ``--tokenizer smollm2`` tokenizes with SmolLM2's real
-tokenizer (else the tiny one). Throughput is steady-state samples/s (steps 2..N; the first step pays for lazy
-initialisation in both). The two sides alternate (``--reps`` rounds, the side that goes first alternating too) in
-one process, so a load change on a shared machine hits both; each round gives a ratio ours / TRL, and the verdict
-is their median (spread: min and max). Last line: ``ratio: <median ours / TRL>``.
+batch size, max length, optimizer steps, beta and learning rate; CPU fp32 (``--accelerator gpu``: bf16-mixed).
+``--vocab`` sets the LM head's size (tiny 2,048, SmolLM2's 49,152, Qwen2.5's 151,936) and ``--tokenizer smollm2``
+tokenizes with SmolLM2's real tokenizer (else the tiny one). Throughput is steady-state samples/s (steps 2..N; the
+first step pays for lazy initialisation in both). The two sides alternate (``--reps`` rounds, the side that goes
+first alternating too) in one process, so a load change on a shared machine hits both; each round gives a ratio ours
+/ TRL, and the verdict is their median (spread: min and max). Last line: ``ratio: <median ours / TRL>``.
 
     python benchmarks/trl_vs_hpl.py [--vocab smollm2] [--tokenizer smollm2] [--reps 3] [--steps 6] [--packing]
 """

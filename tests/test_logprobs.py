@@ -48,11 +48,17 @@ def _loss(logps: torch.Tensor, n: int, n_tokens: torch.Tensor) -> torch.Tensor:
 @pytest.mark.parametrize(
     "packing, lora, chunk_logits",
     # the default: one chunk (tiny vocabulary); 50-position chunks: recomputed in backward (checkpointed)
-    [(False, False, logprobs.CHUNK_LOGITS), (False, False, 2048 * 50), (True, False, 2048 * 50), (False, True, 2048 * 50)],
+    [
+        (False, False, logprobs.CHUNK_LOGITS),
+        (False, False, 2048 * 50),
+        (True, False, 2048 * 50),
+        (False, True, 2048 * 50),
+    ],
 )
 def test_scored_only_logps_equal_full_logits_in_loss_and_gradient(monkeypatch, packing, lora, chunk_logits):
     monkeypatch.setattr(logprobs, "CHUNK_LOGITS", chunk_logits)
-    module = HPLModule(policy="hpl-tiny", init_seed=3, packing=packing, lora=LoraSettings(dropout=0.0) if lora else None)
+    lora_settings = LoraSettings(dropout=0.0) if lora else None
+    module = HPLModule(policy="hpl-tiny", init_seed=3, packing=packing, lora=lora_settings)
     module.configure_model()
     model = module.policy.eval()  # no dropout: both computations see the same function
     params = [p for p in model.parameters() if p.requires_grad]
