@@ -1,8 +1,12 @@
 # Two commands on a fresh machine: `make quickstart` (train on the bundled data) and `make test` (the test suite).
-# Both create .venv on first use (CPU torch from the pinned wheel, then the package with its test extras).
+# Both create .venv on first use (CPU torch from the pinned wheel, then the package with its test extras and its
+# commands: hpl-train, hpl-evaluate, hpl-pipeline, hpl-export; `source .venv/bin/activate` puts them on PATH).
+# `make test` starts the MariaDB server the InterCode-SQL tests need and stops it afterwards if it started it
+# (KEEP_DB=1 keeps it running); `make stop-db` stops a server left running (e.g. by hpl-evaluate).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
+DB_DIR := $(or $(HPL_MYSQL_DIR),/tmp/hpl-mysql)
 
 $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	$(PYTHON) -m venv $(VENV)
@@ -17,10 +21,18 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 install: $(VENV)/.installed
 
 quickstart: install
-	HF_HUB_OFFLINE=1 $(PY) train.py fit -c configs/quickstart.yaml
+	HF_HUB_OFFLINE=1 $(VENV)/bin/hpl-train fit -c configs/quickstart.yaml
 
 test: install
-	bash scripts/start_mysql.sh
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider
+	@pid="$$(cat $(DB_DIR)/mysqld.pid 2>/dev/null)"; \
+	if [ -n "$$pid" ] && kill -0 "$$pid" 2>/dev/null; then started=0; else started=1; fi; \
+	bash scripts/start_mysql.sh >/dev/null || exit 1; \
+	HF_HUB_OFFLINE=1 $(PY) -m pytest -q -p no:cacheprovider; status=$$?; \
+	if [ "$$started" = 1 ] && [ "$(KEEP_DB)" != 1 ]; then bash scripts/stop_mysql.sh; \
+	else echo "MariaDB server left running in $(DB_DIR); stop it with: make stop-db"; fi; \
+	exit $$status
 
-.PHONY: install quickstart test
+stop-db:
+	bash scripts/stop_mysql.sh
+
+.PHONY: install quickstart test stop-db

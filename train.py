@@ -1,4 +1,5 @@
-"""Train with HPL (or SFT): ``python train.py fit -c configs/quickstart.yaml``; ``--help`` lists every option."""
+"""Train with HPL (or SFT): ``python train.py fit -c configs/quickstart.yaml`` (the same as ``hpl-train``); ``--help``
+lists every option."""
 
 from hpl_lightning.cli import main
 

@@ -1,27 +1,45 @@
 """``train.py``: LightningCLI with HPL's defaults (checkpointing for preemption, TensorBoard, the curriculum loader).
 
 Bad data raises :class:`~hpl_lightning.schema.DataError` in ``datamodule.setup``, before any model is loaded or any
-step runs; the CLI prints it as one line naming file, line and field, and exits with status 2.
+step runs; the CLI prints it as one line naming file, line and field, and exits with status 2. So are a mistyped
+option (with the closest valid names), a missing config, checkpoint or model path.
+
+Checkpoints: ``last.ckpt`` plus the ``checkpoint.save_top_k`` most recent periodic ``stepNNNNNN.ckpt`` (at 7B a
+full checkpoint is ~15 GB) and, with validation data, the best one by ``best_checkpoint.monitor`` (``val/loss``).
 """
 
 from __future__ import annotations
 
-import sys
+from pathlib import Path
 from typing import Any
 
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from hpl_lightning.callbacks import DiscardUnstartedRun, progress_bar
 from hpl_lightning.checkpointing import resume_checkpoint, use_atomic_checkpoint_io
+from hpl_lightning.console import ShortErrors, UserError, one_line_errors
 from hpl_lightning.data import HPLDataModule
 from hpl_lightning.module import HPLModule
 from hpl_lightning.schema import DataError, UsageError
 
 
+# --ckpt_path values Lightning resolves itself (not file names)
+_CKPT_ALIASES = {"last", "best", "hpc", "registry"}
+
+
+class HPLArgumentParser(ShortErrors, LightningArgumentParser):
+    """LightningCLI's parser, printing a parse error first with a hint instead of the full usage."""
+
+
 class HPLCLI(LightningCLI):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, parser_class=HPLArgumentParser, **kwargs)
+
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(ModelCheckpoint, "best_checkpoint")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.link_arguments("model.policy", "data.tokenizer")
         parser.link_arguments("model.packing", "data.packing")  # packing is done by the collate, used by the model
@@ -31,13 +49,23 @@ class HPLCLI(LightningCLI):
                 "checkpoint.save_last": True,
                 "checkpoint.save_on_exception": True,
                 "checkpoint.every_n_train_steps": 100,
-                "checkpoint.save_top_k": -1,
+                # Bounded: the most recent periodic checkpoints ("step", highest first), not every one of them.
+                "checkpoint.save_top_k": 2,
+                "checkpoint.monitor": "step",
+                "checkpoint.mode": "max",
                 "checkpoint.filename": "step{step:06d}",
                 "checkpoint.auto_insert_metric_name": False,
+                # The best validation loss so far (validation runs at the end of each curriculum phase); no
+                # validation data, no best checkpoint.
+                "best_checkpoint.monitor": "val/loss",
+                "best_checkpoint.mode": "min",
+                "best_checkpoint.save_top_k": 1,
+                "best_checkpoint.filename": "best-step{step:06d}",
+                "best_checkpoint.auto_insert_metric_name": False,
                 "lr_monitor.logging_interval": "step",
                 "trainer.logger": {
                     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                    "init_args": {"save_dir": "runs", "name": "hpl"},
+                    "init_args": {"save_dir": "runs", "name": "hpl", "default_hp_metric": False},
                 },
                 # The data module shards batches itself and serves one curriculum phase per epoch; the default
                 # schedule (data.schedule.unit one_pass, the paper's one epoch) has one epoch per phase.
@@ -47,11 +75,27 @@ class HPLCLI(LightningCLI):
             }
         )
 
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        ckpt_path = config.get("ckpt_path")
+        if ckpt_path and ckpt_path not in _CKPT_ALIASES and not Path(ckpt_path).exists():
+            raise UserError(f"--ckpt_path {ckpt_path}: no such file (or 'last' to resume the latest run)")
+        if config.get("data") is not None and not config["data"].get("val_path"):
+            config["best_checkpoint"]["monitor"] = None  # nothing to rank by: keep none
+            config["best_checkpoint"]["save_top_k"] = 0
+
     def instantiate_trainer(self, **kwargs: Any) -> Trainer:
         """Lightning's default checkpoint writer swapped for the atomic one (also when ``--trainer.plugins`` names
-        other plugins, e.g. SLURMEnvironment); a checkpoint IO chosen by the user is kept."""
+        other plugins, e.g. SLURMEnvironment); a checkpoint IO chosen by the user is kept. The progress bar shows
+        no ``v_num``; a run that fails before its first step leaves no run directory."""
+        config = self._get(self.config_init, "trainer", default={})
+        callbacks = config.get("callbacks") or []
+        callbacks = list(callbacks) if isinstance(callbacks, list) else [callbacks]
+        if config.get("enable_progress_bar") is not False and not any(isinstance(c, ProgressBar) for c in callbacks):
+            kwargs.setdefault("callbacks", [*callbacks, progress_bar()])
         trainer = super().instantiate_trainer(**kwargs)
         use_atomic_checkpoint_io(trainer.strategy)
+        trainer.callbacks.append(DiscardUnstartedRun(getattr(trainer.logger, "log_dir", None)))
         return trainer
 
     def before_fit(self) -> None:
@@ -61,20 +105,18 @@ class HPLCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
-    try:
-        HPLCLI(
-            HPLModule,
-            HPLDataModule,
-            seed_everything_default=0,
-            save_config_kwargs={"overwrite": True},
-            args=args,
-        )
-    except DataError as e:
-        print(f"error: invalid data: {e}", file=sys.stderr)
-        sys.exit(2)
-    except UsageError as e:  # a setting that cannot work (e.g. an unusable checkpoint), found before training
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    """``hpl-train`` / ``python train.py``."""
+    with one_line_errors(FileNotFoundError, UsageError):
+        try:
+            HPLCLI(
+                HPLModule,
+                HPLDataModule,
+                seed_everything_default=0,
+                save_config_kwargs={"overwrite": True},
+                args=args,
+            )
+        except DataError as e:
+            raise UserError(f"invalid data: {e}") from e
 
 
 if __name__ == "__main__":  # python -m hpl_lightning.cli fit ... (what the experiment runner starts per run)

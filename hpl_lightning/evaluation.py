@@ -7,11 +7,14 @@ a JVM does the work, so threads overlap). A finished episode frees its environme
 Results are crash-safe: every finished episode is appended (and flushed) to ``<output_dir>/episodes.jsonl``, and a
 restarted evaluation skips the ids found there. An episode whose environment crashed (``EnvironmentCrashed``: lost
 database server, dead simulator) is started again ``retries`` times, then written with its ``error`` and left out
-of the averages (flagged in the summary, retried by the next run) — a reward is never guessed. When several episodes
-fail in a row the backend is down: the evaluation stops with an ``EvaluationAborted`` that says so.
+of the averages with ``reward: null`` (flagged in the summary, retried by the next run) — a reward is never guessed.
+When several episodes fail in a row the backend is down: the evaluation stops with an ``EvaluationAborted`` that
+says so; so does an evaluation in which no episode could be scored at all.
 
-``summary.json`` (average reward, success rate, per hardness / task type), a printed table and ``outcomes.png``
-(per-task rewards) are written at the end, over every episode in the file.
+``summary.json`` (average reward, success rate, share of turns with a valid action, per hardness / task type), a
+printed table and ``outcomes.png`` (per-task rewards) are written at the end, over every episode in the file. The
+valid-action share tells a starting score (ScienceWorld's find-* tasks give points before any action) from skill:
+a turn counts as valid when it has a parsable ``Action:`` the environment accepted (``StepResult.info["valid"]``).
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ from hpl_lightning.envs.base import (
     observation_message,
     parse_action,
 )
+from hpl_lightning.console import UserError
 from hpl_lightning.envs.pool import EnvPool
 from hpl_lightning.policies import Policy
 from hpl_lightning.schema import append_jsonl, write_jsonl
@@ -71,12 +75,13 @@ class EvaluationAborted(RuntimeError):
 
 @dataclass
 class EpisodeRecord:
-    """One line of ``episodes.jsonl``. ``actions[i]`` is None when turn i had no parsable action; ``error`` is set
-    when the environment crashed on every attempt (then reward and success mean nothing)."""
+    """One line of ``episodes.jsonl``. ``actions[i]`` is None when turn i had no parsable action, ``valid[i]``
+    whether it had one the environment accepted; ``error`` is set when the environment crashed on every attempt
+    (then ``reward`` is None: unknown, not zero)."""
 
     id: str
     group: str
-    reward: float
+    reward: float | None
     success: bool
     turns: int
     actions: list[str | None]
@@ -85,6 +90,7 @@ class EpisodeRecord:
     info: dict[str, Any] = field(default_factory=dict)
     attempts: int = 1
     error: str | None = None
+    valid: list[bool] = field(default_factory=list)
 
 
 @dataclass
@@ -96,6 +102,7 @@ class _Episode:
     errors: list[str]
     actions: list[str | None] = field(default_factory=list)
     observations: list[str] = field(default_factory=list)
+    valid: list[bool] = field(default_factory=list)
 
 
 @dataclass
@@ -130,7 +137,7 @@ def _check_run(output_dir: Path, identity: dict[str, Any]) -> None:
     if path.exists():
         previous = json.loads(path.read_text())
         if previous != identity:
-            raise ValueError(
+            raise UserError(
                 f"{output_dir} holds an evaluation of {previous}, not {identity}; use another output_dir"
             )
     else:
@@ -203,6 +210,10 @@ def evaluate(
     (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n")
     plot_outcomes(records, [t.id for t in tasks], out / PLOT_FILE, f"{benchmark}/{split}")
     print(format_summary(summary))
+    failed = [r for r in records if r.error is not None]
+    if failed and not summary["n"]:
+        raise EvaluationAborted(f"no episode could be scored: all {len(failed)} failed; first ({failed[0].id}): "
+                                f"{failed[0].error}")
     return summary
 
 
@@ -229,7 +240,7 @@ def _run(
         record = EpisodeRecord(
             id=ep.task.id,
             group=str(ep.task.meta.get(spec.group_by, "all")),
-            reward=last.reward if last is not None else 0.0,
+            reward=last.reward if last is not None else None,
             success=bool(last.info.get("success", last.reward >= 1.0)) if last is not None else False,
             turns=len(ep.actions),
             actions=ep.actions,
@@ -238,6 +249,7 @@ def _run(
             info=last.info if last is not None else {},
             attempts=len(ep.errors) + 1 if last is not None else len(ep.errors),
             error=error,
+            valid=ep.valid,
         )
         append_jsonl(path, [asdict(record)])
         records.append(record)
@@ -294,6 +306,7 @@ def _run(
                 crashed(ep, result)
                 continue
             ep.observations.append(result.observation)
+            ep.valid.append(ep.actions[-1] is not None and bool(result.info.get("valid", True)))
             ep.messages.append(observation_message(result.observation))
             if result.done:
                 del active[slot]
@@ -308,15 +321,18 @@ def summarize(
     n_tasks: int,
     run: dict[str, Any],
 ) -> dict[str, Any]:
-    """Average reward and success rate over the scored episodes (failed ones are counted and listed apart)."""
+    """Average reward, success rate and valid-action share over the scored episodes (failed ones are counted and
+    listed apart)."""
 
     def stats(rs: list[EpisodeRecord]) -> dict[str, Any]:
         scored = [r for r in rs if r.error is None]
         n = len(scored)
+        turns = sum(len(r.valid) for r in scored)
         return {
             "n": n,
             "avg_reward": sum(r.reward for r in scored) / n if n else None,
             "success_rate": sum(r.success for r in scored) / n if n else None,
+            "valid_action_rate": sum(sum(r.valid) for r in scored) / turns if turns else None,
             "failed": len(rs) - n,
         }
 
@@ -330,6 +346,7 @@ def summarize(
         "tasks": n_tasks,
         "complete": len(records) - len(failed) >= n_tasks and not failed,
         "failed_ids": failed,
+        "first_error": next((f"{r.id}: {r.error}" for r in records if r.error is not None), None),
         "groups": {g: stats([r for r in records if r.group == g]) for g in groups},
         "run": run,
     }
@@ -344,10 +361,11 @@ def format_summary(summary: dict[str, Any]) -> str:
     width = max([len("all"), *map(len, summary["groups"])])
     lines = [f"{summary['benchmark']}/{summary['split']}: {summary['n']} scored of {summary['tasks']} tasks"
              + (f", {summary['failed']} FAILED (environment crashed, not scored)" if summary["failed"] else ""),
-             f"{'group':<{width}}  {'n':>5}  {'avg reward':>10}  {'success %':>9}  {'failed':>6}"]
+             *([f"first failure: {summary['first_error']}"] if summary.get("first_error") else []),
+             f"{'group':<{width}}  {'n':>5}  {'avg reward':>10}  {'success %':>9}  {'valid act %':>11}  {'failed':>6}"]
     for name, s in [*summary["groups"].items(), ("all", summary)]:
         lines.append(f"{name:<{width}}  {s['n']:>5}  {pct(s['avg_reward']):>10}  {pct(s['success_rate']):>9}  "
-                     f"{s['failed']:>6}")
+                     f"{pct(s.get('valid_action_rate')):>11}  {s['failed']:>6}")
     run = summary["run"]
     lines.append(f"this run: {run['episodes']} episodes, {run['env_steps']} env steps in {run['wall_seconds']:.1f} s "
                  f"({run['env_steps_per_second']:.2f} steps/s; generation {run['generation_seconds']:.1f} s, "

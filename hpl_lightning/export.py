@@ -1,6 +1,6 @@
 """Export a trained policy from a Lightning checkpoint as a Hugging Face model directory.
 
-``python -m hpl_lightning.export --ckpt runs/.../last.ckpt --output exported/`` writes weights, config and tokenizer,
+``hpl-export --ckpt runs/.../last.ckpt --output exported/`` writes weights, config and tokenizer,
 loadable with ``AutoModelForCausalLM.from_pretrained(output)``. A LoRA policy is merged into its base by default, or
 saved as a peft adapter with ``--merge_lora false`` (load it with ``peft.AutoPeftModelForCausalLM``).
 """
@@ -9,12 +9,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from hpl_lightning.console import ShortErrorParser, UserError, one_line_errors
 from hpl_lightning.models import load_tokenizer
 from hpl_lightning.module import HPLModule
 
 
 def export(ckpt: str, output: str, merge_lora: bool = True) -> Path:
     """Loads ``ckpt`` (policy weights; the frozen parts come from the configured model) and saves the policy."""
+    if not Path(ckpt).is_file():
+        raise UserError(f"--ckpt {ckpt}: no such file")
     module = HPLModule.load_from_checkpoint(ckpt, map_location="cpu")
     policy = module.policy
     if module.lora is not None and merge_lora:
@@ -27,7 +30,13 @@ def export(ckpt: str, output: str, merge_lora: bool = True) -> Path:
     return out
 
 
-if __name__ == "__main__":
+def main(args: list[str] | None = None) -> None:
+    """``hpl-export``."""
     from jsonargparse import CLI
 
-    CLI(export, as_positional=False)
+    with one_line_errors(FileNotFoundError):
+        CLI(export, as_positional=False, parser_class=ShortErrorParser, args=args)
+
+
+if __name__ == "__main__":
+    main()

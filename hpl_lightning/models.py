@@ -47,7 +47,21 @@ def resolve(spec: str) -> str:
     if spec == "hpl-tiny":
         return str(TINY_MODEL)
     gguf = gguf_file(spec)
-    return str(converted_gguf(gguf)) if gguf is not None else spec
+    if gguf is not None:
+        return str(converted_gguf(gguf))
+    if not Path(spec).exists() and not _is_hub_name(spec):  # not a hub-name complaint about a mistyped path
+        raise FileNotFoundError(f"model {spec!r}: no such file or directory (nor a Hugging Face hub name)")
+    return spec
+
+
+def _is_hub_name(spec: str) -> bool:
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(spec)
+    except HFValidationError:
+        return False
+    return True
 
 
 def gguf_file(spec: str) -> Path | None:

@@ -287,6 +287,8 @@ class HPLModule(L.LightningModule):
             # Lightning divides each micro-batch's loss by accumulate_grad_batches and DDP/FSDP average gradients
             # over ranks: undo both, so the step's gradient is that of the sum of the shares, i.e. of L.
             return loss * self.trainer.accumulate_grad_batches * self.trainer.world_size
+        # Validation/test: the batch's objective, averaged over the split (what the best checkpoint is chosen by).
+        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=max(len(batch["ids"]), 1))
         return loss
 
     def _train_sums(self) -> torch.Tensor:

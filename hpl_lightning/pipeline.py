@@ -403,10 +403,17 @@ def main(args: Sequence[str] | None = None) -> Any:
     """Runs a subcommand and returns its result (for in-process callers and tests)."""
     from jsonargparse import CLI
 
+    from hpl_lightning.console import ShortErrorParser
+
     with exit_2_on_bad_input():
         return CLI({"import": import_, "segment": segment, "explore": explore, "pairs": pairs, "stats": stats},
-                   args=args, as_positional=False)
+                   args=args, as_positional=False, parser_class=ShortErrorParser)
+
+
+def console_main() -> None:
+    """``hpl-pipeline``: ``main`` without its return value (a console script would print it as an exit status)."""
+    main()
 
 
 if __name__ == "__main__":
-    main()
+    console_main()

@@ -436,9 +436,10 @@ class IntercodeSqlEnv(Environment):
         if ep is None or ep.done:
             raise RuntimeError("step() without an active episode; call reset(task) first")
         ep.turns += 1
-        info: dict[str, Any] = {}
+        info: dict[str, Any] = {"valid": True}
         if self.action_format == "react":
             sql, is_code = parse_react_action(action.strip())
+            info["valid"] = is_code  # neither execute[...] nor submit: the agent is told how to write an action
             if not is_code:
                 observation, reward, done = NO_CODE_OBSERVATION, 0.0, False
             elif sql == "submit":

@@ -1,0 +1,116 @@
+"""``hpl-evaluate`` (or ``python evaluate.py``): evaluate agents and check environments.
+
+    hpl-evaluate run --benchmark intercode_sql --split test --policy runs/.../last.ckpt --workers 8
+    hpl-evaluate run --benchmark sciworld --split dev --policy exported/ --workers 2
+    hpl-evaluate run --benchmark intercode_sql --policy Qwen/Qwen2.5-7B-Instruct --base_url http://host:8000/v1
+    hpl-evaluate replay --recordings ../shared/data/intercode_sql/gpt-3.5_react_10_turns.json
+    hpl-evaluate gold --benchmark sciworld --split dev
+
+``run`` is resumable: run the same command again after a crash or Ctrl-C and it continues where it stopped.
+Every subcommand takes ``--config FILE.yaml`` and ``--print_config``; ``hpl-evaluate run --help`` lists all.
+A run in which no episode could be scored (e.g. the environment is unreachable) exits with status 1 and the reason.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import CLI
+
+from hpl_lightning.console import ShortErrorParser, UserError, one_line_errors
+from hpl_lightning.envs.intercode_replay import ReplayStopped, replay, start_server
+from hpl_lightning.envs.sciworld import gold
+from hpl_lightning.evaluation import EvaluationAborted, evaluate
+from hpl_lightning.policies import LocalPolicy, OpenAIPolicy, Policy
+from hpl_lightning.schema import exit_2_on_bad_input
+
+
+def run(
+    benchmark: str = "intercode_sql",
+    split: str = "test",
+    policy: str = "hpl-tiny",
+    output_dir: str | None = None,
+    workers: int = 4,
+    limit: int | None = None,
+    task_ids: list[str] | None = None,
+    db_url: str | None = None,
+    env_kwargs: dict[str, Any] | None = None,
+    max_new_tokens: int = 128,
+    max_context: int | None = None,
+    reuse_cache: bool = False,
+    batch_size: int = 16,
+    threads: int | None = None,
+    dtype: str = "float32",
+    device: str = "cpu",
+    base_url: str | None = None,
+    api_key: str | None = None,
+    concurrency: int = 16,
+    timeout: float = 300.0,
+) -> dict[str, Any]:
+    """Runs a policy as a ReAct agent (greedy) on a benchmark split; writes episodes.jsonl, summary.json and
+    outcomes.png to ``output_dir`` and prints the summary table.
+
+    Args:
+        benchmark: intercode_sql or sciworld.
+        split: intercode_sql: test (the 200 IPR/HPL tasks), train; sciworld: dev (seen), test (unseen).
+        policy: a Lightning .ckpt, an exported or Hugging Face model directory/name, or hpl-tiny; with
+            ``base_url``, the model name the server serves.
+        output_dir: default runs/eval/<benchmark>-<split>-<policy name>; rerunning into it resumes.
+        workers: environments = episodes in flight = the model's batch per turn (a JVM each for sciworld).
+        limit: only the first N tasks of the split.
+        task_ids: only these task ids.
+        db_url: intercode_sql server; default: start (or reuse) the local one with scripts/start_mysql.sh.
+        env_kwargs: more environment options (e.g. {"call_timeout": 120} for sciworld).
+        max_new_tokens: per agent turn (a ReAct thought + action fits in 128 tokens; the paper allows 512).
+        max_context: a local model's context in tokens (default: its window); the oldest turns after the task
+            statement are dropped to fit, as in training. A smaller cap makes CPU evaluation cheaper.
+        reuse_cache: a local model continues each episode from its KV cache (one episode at a time) instead of
+            one left-padded batch per turn that recomputes every context; pays off for long contexts on CPU.
+        batch_size: largest generate() batch of a local model (without ``reuse_cache``).
+        threads: torch CPU threads while generating (1 is fastest for tiny models on a busy machine).
+        dtype: local model weights (float32, bfloat16, float16).
+        device: cpu or cuda.
+        base_url: an OpenAI-compatible endpoint (e.g. vLLM's http://host:8000/v1) instead of a local model.
+        api_key: for ``base_url`` (default $OPENAI_API_KEY).
+        concurrency: requests in flight to ``base_url``.
+        timeout: seconds per request to ``base_url``.
+    """
+    agent: Policy
+    if base_url is not None:
+        agent = OpenAIPolicy(policy, base_url=base_url, api_key=api_key, max_tokens=max_new_tokens,
+                             concurrency=concurrency, timeout=timeout)
+    else:
+        agent = LocalPolicy(policy, max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype,
+                            device=device, threads=threads, max_context=max_context, reuse_cache=reuse_cache)
+    kwargs = dict(env_kwargs or {})
+    if benchmark == "intercode_sql":
+        try:
+            kwargs["db_url"] = db_url or start_server()
+        except subprocess.CalledProcessError as e:
+            reason = (e.stderr or "").strip().splitlines()[-1:] or [f"exit status {e.returncode}"]
+            raise UserError(f"scripts/start_mysql.sh could not start the InterCode-SQL server: {reason[0]} "
+                            "(or pass --db_url)") from e
+        if db_url is None:
+            print(f"InterCode-SQL server: {kwargs['db_url']} (scripts/start_mysql.sh); it keeps running after this "
+                  "evaluation, `make stop-db` (scripts/stop_mysql.sh) stops it")
+    name = Path(policy.rstrip("/")).name.removesuffix(".ckpt")
+    out = output_dir or str(Path("runs") / "eval" / f"{benchmark}-{split}-{name}")
+    return evaluate(agent, benchmark, split, out, workers=workers, limit=limit, task_ids=task_ids, env_kwargs=kwargs)
+
+
+def main(args: list[str] | None = None) -> None:
+    """``hpl-evaluate``: a bad path or a reused output directory is one line (status 2), a failed evaluation
+    (backend down, nothing scored) one line with the reason (status 1)."""
+    with exit_2_on_bad_input(), one_line_errors(FileNotFoundError):
+        try:
+            CLI([run, replay, gold], as_positional=False, parser_class=ShortErrorParser, args=args)
+        except (EvaluationAborted, ReplayStopped) as e:  # finished work is saved; the message says how to resume
+            print(f"error: {e}", file=sys.stderr)
+            sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
