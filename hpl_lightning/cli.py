@@ -62,6 +62,7 @@ class HPLCLI(LightningCLI):
                 "best_checkpoint.save_top_k": 1,
                 "best_checkpoint.filename": "best-step{step:06d}",
                 "best_checkpoint.auto_insert_metric_name": False,
+                "best_checkpoint.save_on_train_epoch_end": False,  # after validation, where val/loss exists
                 "lr_monitor.logging_interval": "step",
                 "trainer.logger": {
                     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
