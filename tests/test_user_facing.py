@@ -157,3 +157,24 @@ def test_summary_reports_the_valid_action_share_next_to_the_reward() -> None:
     assert summary["valid_action_rate"] == pytest.approx(2 / 7) and summary["avg_reward"] == pytest.approx(0.35)
     assert summary["groups"]["find"]["valid_action_rate"] == pytest.approx(2 / 7)
     assert summary["first_error"] == "2: crashed"
+
+
+class _HalfValid(Policy):
+    """Turn 1: a valid execute[...]; turn 2: no Action line; turn 3: an unparsable action; turn 4: submit."""
+
+    def describe(self):
+        return {"type": "half-valid"}
+
+    def generate(self, conversations):
+        script = ["Thought: look\nAction: execute[SELECT 1]", "I am not sure.", "Thought: hm\nAction: run it",
+                  "Thought: done\nAction: submit"]
+        return [script[(len(c) - 3) // 2] for c in conversations]
+
+
+@pytest.mark.mysql
+def test_intercode_reports_invalid_actions(mysql_url: str, tmp_path: Path) -> None:
+    summary = evaluate(_HalfValid(), "intercode_sql", "test", tmp_path, workers=1, limit=1,
+                       env_kwargs={"db_url": mysql_url}, progress=False)
+    record = json.loads((tmp_path / EPISODES_FILE).read_text().splitlines()[0])
+    assert record["valid"] == [True, False, False, True]
+    assert summary["valid_action_rate"] == pytest.approx(0.5)
