@@ -228,6 +228,27 @@ class ResumableLoader(DataLoader):
         self._skip = state["batches"]
 
 
+def close_restored_epoch(trainer: L.Trainer) -> None:
+    """Finish the epoch a checkpoint saved at its last batch (``every_n_train_steps``) belongs to.
+
+    Lightning 2.6 moves such a resume on to the next epoch but zeroes the batch counters only when the saved epoch's
+    batch count reaches ``num_training_batches``, which by then is the *next* epoch's (the loader is rebuilt each
+    epoch; curriculum phases differ in size). A longer next epoch then starts "at" the saved batch count and ends
+    that many batches early. Called from ``on_train_start``, between the loops' restore and the epoch loop's reset,
+    it does what Lightning does for equal-sized epochs: count the saved batch completed and start the next epoch at
+    batch 0.
+    """
+    loop = trainer.fit_loop.epoch_loop
+    if not (loop.restarted_on_train_batch_end and loop.batch_progress.is_last_batch):
+        return
+    loop.batch_progress.increment_completed()
+    loop.batch_progress.reset_on_run()
+    loop.scheduler_progress.reset_on_run()
+    loop.automatic_optimization.optim_progress.reset_on_run()
+    loop.val_loop.batch_progress.total.reset()
+    loop.reset_restart_stage()  # handled: the epoch loop's reset must not count the batch again
+
+
 class HPLDataModule(L.LightningDataModule):
     """Preference pairs (trajectory/step/group) and expert trajectories (behaviour cloning), curriculum-ordered.
 

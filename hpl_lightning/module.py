@@ -20,7 +20,7 @@ from torchmetrics import MeanMetric
 from transformers import get_scheduler
 
 from hpl_lightning import logprobs, refcache
-from hpl_lightning.data import LEVEL_CODES, STEP_COUNTS
+from hpl_lightning.data import LEVEL_CODES, STEP_COUNTS, close_restored_epoch
 from hpl_lightning.distributed import fully_shard_model
 from hpl_lightning.losses import LEVEL_KEYS, LossType, objective_share, preference_loss
 from hpl_lightning.models import LoraSettings, Quantization, apply_lora, load_causal_lm
@@ -350,6 +350,7 @@ class HPLModule(L.LightningModule):
         self._step(batch, "test")
 
     def on_train_start(self) -> None:
+        close_restored_epoch(self.trainer)
         datamodule = getattr(self.trainer, "datamodule", None)
         if self.logger is not None and hasattr(datamodule, "bucket_counts"):
             counts = {f"curriculum/count_{name}": float(n) for name, n in datamodule.bucket_counts().items()}

@@ -1,10 +1,11 @@
 """Preemption: a fit killed mid-epoch (mid curriculum phase 2 of the default one-pass schedule) and resumed with
 --ckpt_path last ends with the same weights as an uninterrupted run, and consumes exactly the remainder of its pair
-ids."""
+ids; so does a resume from a checkpoint at an epoch's last batch."""
 
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -47,7 +48,8 @@ def reference_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume")
     train = write_jsonl(tmp / "train.jsonl", make_records(n_tasks=8))
     run = tmp / "full"
-    proc = _fit(run, train, f"--trainer.callbacks.path={run / 'ids'}")
+    # a checkpoint at every step: step000008.ckpt is at the last batch of epoch 1 (phase 2), last.ckpt at step 15
+    proc = _fit(run, train, f"--trainer.callbacks.path={run / 'ids'}", ckpt_every=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return train, run
 
@@ -78,4 +80,23 @@ def test_killed_and_resumed_run_equals_uninterrupted(reference_run, tmp_path, si
     expected, got = _weights(full), _weights(run)
     assert expected.keys() == got.keys()
     diff = max((expected[k] - got[k]).abs().max().item() for k in expected)
+    assert diff < 1e-6
+
+
+def test_resume_from_a_checkpoint_at_an_epochs_last_batch_equals_uninterrupted(reference_run, tmp_path):
+    """Step 8 closes phase 2's 4 batches; phase 3 has 7. Lightning 2.6 used to start the resumed epoch at batch 4 of
+    the rebuilt, longer loader and end it 4 batches early (final step 11, not 15)."""
+    train, full = reference_run
+    full_batches = _ids(full, "ids")
+    run = tmp_path / "resumed"
+    (run / "ckpt").mkdir(parents=True)
+    ckpt = shutil.copy(full / "ckpt" / "step000008.ckpt", run / "ckpt" / "step000008.ckpt")
+    resumed = _fit(run, train, f"--trainer.callbacks.path={run / 'after'}", f"--ckpt_path={ckpt}")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert _ids(run, "after") == full_batches[8:]
+    expected = torch.load(full / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    got = torch.load(run / "ckpt" / "last.ckpt", map_location="cpu", weights_only=False)
+    assert got["global_step"] == expected["global_step"] == 15
+    assert got["epoch"] == expected["epoch"]
+    diff = max((expected["state_dict"][k] - got["state_dict"][k]).abs().max().item() for k in expected["state_dict"])
     assert diff < 1e-6
