@@ -48,8 +48,9 @@ def reference_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("resume")
     train = write_jsonl(tmp / "train.jsonl", make_records(n_tasks=8))
     run = tmp / "full"
-    # a checkpoint at every step: step000008.ckpt is at the last batch of epoch 1 (phase 2), last.ckpt at step 15
-    proc = _fit(run, train, f"--trainer.callbacks.path={run / 'ids'}", ckpt_every=1)
+    # a checkpoint at every step, all kept: step000008.ckpt is at the last batch of epoch 1 (phase 2), last.ckpt at
+    # step 15
+    proc = _fit(run, train, f"--trainer.callbacks.path={run / 'ids'}", "--checkpoint.save_top_k=-1", ckpt_every=1)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return train, run
 
