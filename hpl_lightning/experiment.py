@@ -23,8 +23,8 @@ What a seed changes (``seeds``): the preference stage's ``seed_everything`` and 
 each curriculum phase, dropout), and evaluation sampling when ``evaluation.temperature`` > 0 (greedy evaluation,
 the default and the paper's, is the same for every seed). The SFT model, and with it the exploration data, the
 segmentation and the pairs, is shared by all seeds unless ``sft.per_seed`` (then each seed trains its own SFT model
-with that seed -- and its own init for config-only models -- and explores with it). Every arm of a seed starts from
-the same SFT model and the same exploration data, so arms differ only in their objective.
+with that seed -- and its own init for config-only models -- and explores with it, sampling with that seed). Every
+arm of a seed starts from the same SFT model and the same exploration data, so arms differ only in their objective.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ import hashlib
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -56,7 +57,7 @@ DONE_FILE = "done.json"
 # three epochs: data.schedule {unit: epochs, length: 3} with trainer.max_epochs 3).
 SFT_DEFAULTS = {"data.curriculum.mode": "static", "trainer.max_epochs": 1}
 # Evaluation settings that change how results are summarised or how fast, not the episodes: not part of the hash.
-STATISTICS_ONLY = ("bootstrap_resamples", "confidence", "threads")
+STATISTICS_ONLY = ("bootstrap_resamples", "confidence", "baselines", "threads")
 KILL_AFTER_ENV = "HPL_EXPERIMENT_KILL_AFTER"  # testing hook: SIGKILL the runner after this many stages ran
 
 
@@ -122,6 +123,7 @@ class Evaluation:
     limit: int | None = None  # first N tasks of each split
     bootstrap_resamples: int = 10_000
     confidence: float = 0.95
+    baselines: list[str] = field(default_factory=lambda: ["sft", "eto"])  # paired comparisons: every arm vs these
 
 
 @dataclass
@@ -339,6 +341,8 @@ class Experiment:
         cost: Cost = Cost(),
         dtype: str = "float32",
         device: str = "cpu",
+        results_dir: str | None = None,
+        report_notes: list[str] | None = None,
     ):
         """
         Args:
@@ -360,11 +364,23 @@ class Experiment:
             cost: rough seconds per unit, for the plan.
             dtype: local model weights for exploration, segmentation and evaluation.
             device: cpu or cuda for those.
+            results_dir: where results.md, results.json and results.png go (default ``output_dir``): e.g. a
+                directory under version control, while checkpoints stay in ``output_dir``. When it differs from
+                ``output_dir``, every finished stage's record and every evaluation's episodes are copied there too
+                (``stages/``), and a later run -- a fresh machine with a checkout of it -- takes those evaluations as
+                done and skips the training, exploration and SFT stages that only they needed.
+            report_notes: markdown files placed at the top of results.md (a study's pre-registered protocol and
+                hypotheses, its outcome); they change no stage.
         """
         self.root = Path(output_dir)
         self.model, self.benchmark, self.training, self.sft_cfg = model, benchmark, training, sft
         self.exploration, self.pair_filters, self.evaluation = exploration, pairs, evaluation
         self.serving, self.cost, self.dtype, self.device = serving, cost, dtype, device
+        self.results_dir = Path(results_dir) if results_dir is not None else self.root
+        self.report_notes = [Path(n) for n in report_notes or []]
+        missing = [str(n) for n in self.report_notes if not n.is_file()]
+        if missing:
+            raise ValueError(f"report_notes: no such file(s) {missing}")
         self.segmenters = dict(segmenters if segmenters is not None else {"semantic_embedding": {}})
         self.ablation_segmenter = ablation_segmenter
         self.arm_names = list(arms if arms is not None else ["sft", "eto", "ipr", "hpl-semantic_embedding"])
@@ -448,7 +464,13 @@ class Experiment:
         root, b = self.root, self.benchmark
         protocol = self.sciworld_splits()
         splits_file = root / f"splits-{config_hash(protocol)}.json" if protocol is not None else None
-        data_id = config_hash(protocol) if protocol is not None else None
+
+        def data_id(split: str) -> str | None:
+            """What a stage of ``split`` depends on: its tasks and budgets (not the other splits' cut)."""
+            if protocol is None:
+                return None
+            return config_hash({"tasks": protocol["splits"][split], "max_steps": protocol["max_steps"]})
+
         limit = self.evaluation.limit
         eval_tasks = {s: (len(protocol["splits"][s][:limit]) if protocol else limit) for s in b.eval_splits}
         train_tasks = len(protocol["splits"][b.train_split][: b.expert_limit]) if protocol else b.expert_limit
@@ -458,7 +480,7 @@ class Experiment:
 
         experts = Stage("experts", f"{b.name}-{b.train_split}", {
             "benchmark": b.name, "split": b.train_split, "source": b.expert_source, "input": b.expert_input,
-            "limit": b.expert_limit, "protocol": data_id}, [], root)
+            "limit": b.expert_limit, "protocol": data_id(b.train_split)}, [], root)
         stages = [experts]
         lineages: list[int | None] = list(self.seeds) if self.sft_cfg.per_seed else [None]
         sft: dict[int | None, Stage] = {}
@@ -479,13 +501,18 @@ class Experiment:
         for lineage in lineages:
             seed = self.sft_cfg.seed if lineage is None else lineage
             tag = f"sft{seed}"  # the same directory for the same SFT model, shared or per seed
-            sft[lineage] = add(Stage("sft", tag, {"model": self.model, "training": training,
-                                                  "options": {**SFT_DEFAULTS, **flatten(self.sft_cfg.options)},
+            # hashed by the options the run gets (training.options under sft.options): a training option that
+            # sft.options overrides does not retrain the SFT model
+            sft_options = {**SFT_DEFAULTS, **flatten(self.sft_cfg.options)}
+            sft[lineage] = add(Stage("sft", tag, {"model": self.model, "training_config": training["config"],
+                                                  "options": {**training["options"], **sft_options},
                                                   "seed": seed},
                                      [experts], root))
+            # a lineage of its own (sft.per_seed) also samples its rollouts with its seed
+            lineage_explore = {**explore_params, "seed": self.exploration.seed if lineage is None else lineage}
             explore = None
             if base_levels:
-                explore = add(Stage("explore", tag, {**explore_params, "levels": base_levels},
+                explore = add(Stage("explore", tag, {**lineage_explore, "levels": base_levels},
                                     [experts, sft[lineage]], root))
             segmented: dict[str, Stage] = {}
             explored_groups: dict[str, Stage] = {}
@@ -495,7 +522,7 @@ class Experiment:
                                             {"segmenter": name, "options": self.segmenters[name]},
                                             [experts, *([sft[lineage]] if uses_reference else [])], root))
                 explored_groups[name] = add(Stage("explore_group", f"{name}-{tag}",
-                                                  {**explore_params, "levels": ["group"]},
+                                                  {**lineage_explore, "levels": ["group"]},
                                                   [segmented[name], sft[lineage]], root))
             for seed_ in (self.seeds if lineage is None else [lineage]):
                 for arm, recipe in self.recipes.items():
@@ -517,7 +544,7 @@ class Experiment:
             for split in b.eval_splits:
                 sampling = self.evaluation.temperature > 0
                 settings = {k: v for k, v in asdict(self.evaluation).items() if k not in STATISTICS_ONLY}
-                params = {**settings, **backend, "split": split, "protocol": data_id,
+                params = {**settings, **backend, "split": split, "protocol": data_id(split),
                           "env_kwargs": b.env_kwargs, "sampling_seed": seed_ if sampling else None}
                 label = f"{run.label}-{split}" + (f"-sampling{seed_}" if sampling else "")
                 evals[(arm, seed_, split)] = add(Stage("evaluate", label, params, [run], root))
@@ -586,12 +613,22 @@ class Experiment:
         (self.root / "plan.json").write_text(json.dumps(
             [{"kind": s.kind, "dir": str(s.dir.relative_to(self.root)), "deps": [d.key for d in s.deps]}
              for s in plan.stages], indent=1) + "\n")
+        if self.publishes:
+            for st in plan.stages:
+                if st.done and not (self._published(st) / DONE_FILE).is_file():
+                    self._publish(st)  # finished by a run that did not publish (yet)
+                elif not st.done and self._restore(st):
+                    print(f"{st.kind} {st.label}: taken from {self._published(st)}", flush=True)
+        needed = self._needed(plan)
         kill_after = int(os.environ.get(KILL_AFTER_ENV, "0"))
         ran = 0
         for i, st in enumerate(plan.stages, start=1):
             head = f"[{i}/{len(plan.stages)}] {st.kind} {st.label}"
             if st.done:
                 print(f"{head}: done earlier ({st.dir.relative_to(self.root)})", flush=True)
+                continue
+            if st.key not in needed:
+                print(f"{head}: not needed (every evaluation it feeds is done)", flush=True)
                 continue
             if shard is not None:
                 if not _matches(st.kind, stage):
@@ -617,6 +654,8 @@ class Experiment:
                                           "deps": [d.key for d in st.deps], "seconds": seconds,
                                           "result": result}, indent=1, default=str) + "\n")
             print(f"{head}: finished in {seconds:.0f} s", flush=True)
+            if shard is None and self.publishes:
+                self._publish(st)
             ran += 1
             if kill_after and ran >= kill_after:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -633,10 +672,85 @@ class Experiment:
         title = f"{self.benchmark.name}: {self.model}, {len(self.seeds)} seed(s)"
         seconds: dict[str, float] = defaultdict(float)  # wall time per stage kind (shards summed), from done.json
         for st in plan.stages:
-            for marker in [st.dir / DONE_FILE, *st.dir.glob(f"shards/*/{DONE_FILE}")]:
-                seconds[st.kind] += json.loads(marker.read_text())["seconds"]
-        return write_results(self.root, title, self.arm_names, self.benchmark.eval_splits, evals,
-                             self.evaluation.bootstrap_resamples, self.evaluation.confidence, config, dict(seconds))
+            published = self._published(st) / DONE_FILE
+            if self.publishes and published.is_file():  # also stages this machine never ran
+                seconds[st.kind] += json.loads(published.read_text())["seconds"]
+            else:
+                seconds[st.kind] += self._stage_seconds(st)
+        return write_results(self.results_dir, title, self.arm_names, self.benchmark.eval_splits, evals,
+                             self.evaluation.bootstrap_resamples, self.evaluation.confidence, config, dict(seconds),
+                             [n.read_text(encoding="utf-8") for n in self.report_notes], self.evaluation.baselines)
+
+    # -- publishing: results_dir keeps what a later run needs to skip finished work (never checkpoints) ----------
+    @property
+    def publishes(self) -> bool:
+        return self.results_dir.resolve() != self.root.resolve()
+
+    def _published(self, st: Stage) -> Path:
+        return self.results_dir / "stages" / st.kind / st.dir.name
+
+    @staticmethod
+    def _stage_seconds(st: Stage) -> float:
+        markers = [st.dir / DONE_FILE, *st.dir.glob(f"shards/*/{DONE_FILE}")]
+        return sum(json.loads(m.read_text())["seconds"] for m in markers if m.is_file())
+
+    def _publish(self, st: Stage) -> None:
+        """Copies a finished stage's record (wall time, result) and an evaluation's episodes to results_dir."""
+        from hpl_lightning.evaluation import EPISODES_FILE
+
+        out = self._published(st)
+        out.mkdir(parents=True, exist_ok=True)
+        if st.kind == "evaluate":  # before the record: a published record means its episodes are complete
+            shutil.copyfile(st.dir / EPISODES_FILE, out / EPISODES_FILE)
+        record = {**json.loads((st.dir / DONE_FILE).read_text()), "seconds": self._stage_seconds(st),
+                  "fingerprint": self._fingerprint(st)}
+        previous = out / DONE_FILE
+        if previous.is_file():  # a stage run again (a fresh machine): did it reproduce what was published?
+            before = json.loads(previous.read_text()).get("fingerprint")
+            if before is not None and before != record["fingerprint"]:
+                record["previous_fingerprint"] = before
+                print(f"WARNING: {st.kind} {st.label} did not reproduce its published outputs ({before} -> "
+                      f"{record['fingerprint']}): evaluations published earlier come from the other version",
+                      flush=True)
+        previous.write_text(json.dumps(record, indent=1, default=str) + "\n")
+
+    @staticmethod
+    def _fingerprint(st: Stage) -> str | None:
+        """sha256 of what a stage produced (model weights, rollouts, segments, pairs, episodes)."""
+        files = sorted(p for pattern in ("model/*.safetensors", "*.jsonl") for p in st.dir.glob(pattern))
+        if not files:
+            return None
+        digest = hashlib.sha256()
+        for path in files:
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+        return digest.hexdigest()[:16]
+
+    def _restore(self, st: Stage) -> bool:
+        """A published evaluation (e.g. committed by a run on another machine) becomes done here."""
+        from hpl_lightning.evaluation import EPISODES_FILE
+
+        src = self._published(st)
+        if st.kind != "evaluate" or not (src / DONE_FILE).is_file():
+            return False
+        st.dir.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(src / EPISODES_FILE, st.dir / EPISODES_FILE)
+        shutil.copyfile(src / DONE_FILE, st.dir / DONE_FILE)
+        return True
+
+    @staticmethod
+    def _needed(plan: Plan) -> set[str]:
+        """Keys of the unfinished stages an unfinished evaluation depends on: training, exploration or SFT whose
+        evaluations are all done (restored from results_dir) need not run again."""
+        needed: set[str] = set()
+        todo = [s for s in plan.stages if s.kind == "evaluate" and not s.done]
+        while todo:
+            st = todo.pop()
+            if st.key not in needed:
+                needed.add(st.key)
+                todo.extend(d for d in st.deps if not d.done)
+        return needed
 
     def _release_device(self) -> None:
         """Returns the GPU memory an in-process stage cached, so the next training subprocess finds it free."""
@@ -766,7 +880,7 @@ class Experiment:
             summary = pipeline.explore(
                 str(experts), str(out / "rollouts.jsonl"), self.benchmark.name,
                 replace(e.config, levels=tuple(st.params["levels"])), policy, base_url, e.envs, None, ids,
-                e.max_new_tokens, e.temperature, e.batch_size, e.threads, e.seed, self.dtype, self.device,
+                e.max_new_tokens, e.temperature, e.batch_size, e.threads, st.params["seed"], self.dtype, self.device,
                 None, self._env_kwargs(plan), progress=False)
         return {"tasks": ids, "rollouts": summary.get("rollouts")}
 

@@ -18,7 +18,6 @@ from typing import Any, Mapping, Sequence
 
 from hpl_lightning.stats import Interval, mean_ci, paired_bootstrap
 
-BASELINES = ("sft", "eto")
 METRICS = ("reward", "success")
 
 
@@ -67,19 +66,22 @@ def table(records: Sequence[dict[str, Any]], confidence: float, group: str | Non
     for metric in METRICS:
         for (arm, split), values in per_evaluation(records, metric, group).items():
             out[arm].setdefault(split, {"tasks": len(tasks[(arm, split)])})[metric] = mean_ci(values, confidence)
+    recorded = [r for r in records if r["valid_actions"] is not None]  # episodes with at least one turn
+    for (arm, split), values in per_evaluation(recorded, "valid_actions", group).items():
+        out[arm][split]["valid_actions"] = mean_ci(values, confidence)
     return dict(out)
 
 
 def comparisons(records: Sequence[dict[str, Any]], arms: Sequence[str], resamples: int,
-                confidence: float) -> list[dict[str, Any]]:
-    """Each arm against each baseline present (sft, eto), per split and metric, paired on (seed, task)."""
+                confidence: float, baselines: Sequence[str] = ("sft", "eto")) -> list[dict[str, Any]]:
+    """Each arm against each baseline present, per split and metric, paired on (seed, task)."""
     cells: dict[tuple[str, str, str], dict[tuple[int, str], float]] = defaultdict(dict)
     for r in records:
         for metric in METRICS:
             cells[(r["arm"], r["split"], metric)][(r["seed"], r["task"])] = r[metric]
     splits = sorted({r["split"] for r in records})
     out = []
-    for baseline in BASELINES:
+    for baseline in baselines:
         if baseline not in arms:
             continue
         for arm in arms:
@@ -106,15 +108,19 @@ def format_markdown(title: str, arms: Sequence[str], splits: Sequence[str], main
                     resamples: int) -> str:
     level = f"{round(100 * confidence)}%"
     lines = [f"# {title}", "",
-             f"Mean ± {level} CI (Student t) over seeds; rewards and success rates in percent; n = evaluations "
-             "(seeds; one where the model and greedy evaluation are shared) x tasks.", "",
-             "| arm | " + " | ".join(f"{s} reward | {s} success | {s} n" for s in splits) + " |",
-             "|---|" + "---|---|---|" * len(splits)]
+             f"Mean ± {level} CI (Student t) over seeds; rewards and success rates in percent; valid = share of "
+             "the agent's turns with a parsable action the environment accepted (a reward without valid actions is "
+             "the simulator's starting score, not skill); n = evaluations (seeds; one where the model and greedy "
+             "evaluation are shared) x tasks.", "",
+             "| arm | " + " | ".join(f"{s} reward | {s} success | {s} valid | {s} n" for s in splits) + " |",
+             "|---|" + "---|---|---|---|" * len(splits)]
     for arm in arms:
         cells = []
         for split in splits:
             s = main.get(arm, {}).get(split)
-            cells += [_pct(s["reward"]), _pct(s["success"]), f"{s['reward'].n}x{s['tasks']}"] if s else ["-"] * 3
+            valid = _pct(s["valid_actions"]) if s and "valid_actions" in s else "-"
+            cells += ([_pct(s["reward"]), _pct(s["success"]), valid, f"{s['reward'].n}x{s['tasks']}"] if s
+                      else ["-"] * 4)
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     if compared:
         lines += ["", f"## Paired comparisons (bootstrap over tasks and seeds, {resamples} resamples)", "",
@@ -175,19 +181,26 @@ def _json_table(t: dict[str, Any]) -> dict[str, Any]:
 
 def write_results(root: Path, title: str, arms: Sequence[str], splits: Sequence[str],
                   evals: Mapping[tuple[str, int, str], tuple[str, Path]], resamples: int,
-                  confidence: float, config: dict[str, Any], seconds: dict[str, float]) -> dict[str, Any]:
+                  confidence: float, config: dict[str, Any], seconds: dict[str, float],
+                  notes: Sequence[str] = (), baselines: Sequence[str] = ("sft", "eto")) -> dict[str, Any]:
     """Writes results.json, results.md and results.png to ``root`` and returns what results.json holds.
-    ``seconds``: wall time per stage kind (summed over its stages and shards)."""
+    ``seconds``: wall time per stage kind (summed over its stages and shards); ``notes``: markdown placed between
+    the title and the table (a study's pre-registered protocol, its outcome); ``baselines``: the arms every other arm
+    is compared with."""
     records = collect(evals)
     main = table(records, confidence)
-    compared = comparisons(records, arms, resamples, confidence)
+    compared = comparisons(records, arms, resamples, confidence, baselines)
     group_names = {split: sorted({r["group"] for r in records if r["split"] == split}) for split in splits}
     groups = {split: {g: table([r for r in records if r["split"] == split], confidence, g) for g in names}
               for split, names in group_names.items()}
     timing = ["", "## Wall time per stage (this machine, summed over runs and shards)", "",
               "| stage | minutes |", "|---|---|", *(f"| {k} | {v / 60:.1f} |" for k, v in seconds.items())]
-    (root / "results.md").write_text(format_markdown(title, arms, splits, main, compared, groups, confidence,
-                                                     resamples) + "\n".join(timing) + "\n")
+    report = format_markdown(title, arms, splits, main, compared, groups, confidence, resamples)
+    if notes:
+        head, _, rest = report.partition("\n\n")
+        report = "\n\n".join([head, *(n.strip() for n in notes), "## Results", rest])
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "results.md").write_text(report + "\n".join(timing) + "\n")
     plot(root / "results.png", arms, splits, main, title)
     result = {"config": config, "confidence": confidence, "arms": list(arms), "splits": list(splits),
               "table": _json_table(main), "comparisons": compared,

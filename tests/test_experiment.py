@@ -87,6 +87,47 @@ def test_plan_shares_sft_and_exploration_and_hashes_by_config(tmp_path: Path) ->
         Experiment(str(tmp_path), arms=["sft", "hpl-jaccard"])
 
 
+def test_the_evaluation_cut_changes_only_the_evaluations(tmp_path: Path) -> None:
+    from hpl_lightning.experiment import Benchmark
+
+    def plan(per_type: int):
+        return Experiment(str(tmp_path), benchmark=Benchmark(task_types=["lifespan-longest-lived"], train_per_type=2,
+                                                             eval_per_type=per_type), arms=["sft", "eto"]).plan()
+
+    one, two = plan(1), plan(2)
+    assert two.eval_tasks == {"dev": 2, "test": 2}
+    changed = {s.kind for s in one.stages} - {s.kind for s in one.stages if s.key in {t.key for t in two.stages}}
+    assert changed == {"evaluate"}
+
+
+def test_published_evaluations_are_restored_and_skip_the_training_they_needed(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """results_dir: a finished evaluation's record and episodes are published there; a run on a machine without the
+    experiment directory (e.g. a fresh checkout) takes them as done and does not retrain what only they needed."""
+    kw = dict(segmenters={"fixed_k": {}}, arms=["sft", "eto"], seeds=[0, 1], sft=SFT(per_seed=True))
+    first = Experiment(str(tmp_path / "exp"), results_dir=str(tmp_path / "results"), **kw)
+    plan = first.plan()
+    for key in [("sft", 0, "dev"), ("sft", 0, "test"), ("eto", 0, "dev"), ("eto", 0, "test")]:
+        for st in [plan.evals[key], *plan.evals[key].deps]:  # the evaluation and its run finished here
+            st.dir.mkdir(parents=True, exist_ok=True)
+            if st.kind == "evaluate":
+                (st.dir / "episodes.jsonl").write_text(json.dumps({"id": "t", "reward": 0.5}) + "\n")
+            (st.dir / "done.json").write_text(json.dumps({"kind": st.kind, "seconds": 7.0, "result": None}))
+    assert first.run(stop_before="experts") is None  # publishes what is done, runs nothing
+    published = tmp_path / "results" / "stages" / "evaluate" / plan.evals[("eto", 0, "dev")].dir.name
+    assert json.loads((published / "done.json").read_text())["seconds"] == 7.0
+
+    fresh = Experiment(str(tmp_path / "fresh"), results_dir=str(tmp_path / "results"), **kw)
+    capsys.readouterr()
+    fresh.run(stop_before="experts")
+    assert capsys.readouterr().out.count("taken from") == 4
+    plan = fresh.plan()
+    assert all(plan.evals[(arm, 0, split)].done for arm in ("sft", "eto") for split in ("dev", "test"))
+    needed = fresh._needed(plan)
+    assert plan.runs[("eto", 0)].key not in needed and plan.sft[0].key not in needed  # seed 0: all evaluated
+    assert plan.runs[("eto", 1)].key in needed and plan.sft[1].key in needed and plan.experts.key in needed
+
+
 def test_shards_partition_the_tasks_and_the_merge_checks_them() -> None:
     ids = [f"t{i}" for i in range(7)]
     parts = [Shard.parse(f"{k}/3").select(ids) for k in range(3)]
