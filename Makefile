@@ -1,6 +1,6 @@
 # Two commands on a fresh machine: `make quickstart` (train on the bundled data) and `make test` (the test suite).
 # Both create .venv on first use (CPU torch from the pinned wheel, then the package with its test extras and its
-# commands: hpl-train, hpl-evaluate, hpl-pipeline, hpl-export; `source .venv/bin/activate` puts them on PATH).
+# commands: hpl-train, hpl-evaluate, hpl-pipeline, hpl-export, hpl-experiment; `source .venv/bin/activate` puts them on PATH).
 # `make test` starts the MariaDB server the InterCode-SQL tests need and stops it afterwards if it started it
 # (KEEP_DB=1 keeps it running); `make stop-db` stops a server left running (e.g. by hpl-evaluate).
 PYTHON ?= python3

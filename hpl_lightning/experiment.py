@@ -993,9 +993,11 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any] | None:
     """``python -m hpl_lightning.experiment -c EXPERIMENT.yaml [--dry_run] [--shard K/N --stage KIND]``."""
     import inspect
 
-    from jsonargparse import ActionConfigFile, ActionYesNo, ArgumentParser
+    from jsonargparse import ActionConfigFile, ActionYesNo
 
-    parser = ArgumentParser(prog="python -m hpl_lightning.experiment", description=__doc__.split("\n\n")[0])
+    from hpl_lightning.console import ShortErrorParser, one_line_errors
+
+    parser = ShortErrorParser(prog="hpl-experiment", description=__doc__.split("\n\n")[0])
     parser.add_argument("-c", "--config", action=ActionConfigFile, help="an experiment YAML (configs/experiments/)")
     parser.add_class_arguments(Experiment, None, as_group=False)
     parser.add_argument("--dry_run", action=ActionYesNo, default=False, help="print the plan, run nothing")
@@ -1009,10 +1011,16 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any] | None:
     if cfg.base_url is not None:
         cfg.serving.base_url = cfg.base_url
     init = parser.instantiate(cfg)
-    experiment = Experiment(**{name: init[name] for name in inspect.signature(Experiment).parameters})
-    shard = Shard.parse(cfg.shard) if cfg.shard is not None else None
+    with one_line_errors(ValueError):  # a config naming an unknown arm, segmenter, split or shard: one line
+        experiment = Experiment(**{name: init[name] for name in inspect.signature(Experiment).parameters})
+        shard = Shard.parse(cfg.shard) if cfg.shard is not None else None
     return experiment.run(cfg.dry_run, shard, cfg.stage, cfg.stop_before)
 
 
-if __name__ == "__main__":
+def console_main() -> None:
+    """``hpl-experiment``: ``main`` without its return value (a console script would print it as an exit status)."""
     main()
+
+
+if __name__ == "__main__":
+    console_main()

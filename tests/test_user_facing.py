@@ -51,6 +51,16 @@ def test_unknown_option_is_one_line_with_a_suggestion(capsys) -> None:
     assert len(lines) == 3 and "--help" in lines[2]  # no usage dump
 
 
+def test_experiment_mistakes_are_one_line(capsys, tmp_path) -> None:
+    from hpl_lightning.experiment import main as experiment_main
+
+    code, lines = _exit(capsys, experiment_main, ["--output_dir", str(tmp_path), "--seedz", "[0]"])
+    assert code == 2 and lines[0] == "error: unrecognized arguments: --seedz [0]"
+    assert lines[1].startswith("did you mean: --seeds") and len(lines) == 3  # no usage dump
+    code, lines = _exit(capsys, experiment_main, ["--output_dir", str(tmp_path), "--arms", "[sft, hpl-jaccard]"])
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: arms[1] ('hpl-jaccard'): unknown arm")
+
+
 def test_missing_config_file_is_the_first_line(capsys, tmp_path) -> None:
     code, lines = _exit(capsys, train_main, ["fit", "-c", str(tmp_path / "nope.yaml")])
     assert code == 2 and lines[0].startswith("error: ") and "nope.yaml" in lines[0] and len(lines) == 2
