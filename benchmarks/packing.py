@@ -2,8 +2,8 @@
 its expert trajectory): tokens computed per unique token and wall time of a training step (policy forward and
 backward, reference forward), side by side.
 
-Data: the bundled real InterCode-SQL pairs (``data/quickstart``: recorded failed episodes vs the gold query, every
-observation from the environment), and, when given (``--sciworld gold.jsonl`` from
+Data: the bundled real InterCode-SQL pairs (``data/quickstart``: the gold query vs wrong queries in the same words,
+every observation from the environment), and, when given (``--sciworld gold.jsonl`` from
 ``hpl_lightning.envs.sciworld.gold_experts``), ScienceWorld pairs with long trunks built on the real gold trajectories
 whose rejected branches are SYNTHETIC: real actions and observations of the same trajectory in another order (no
 policy rollouts were available). "Unique tokens" are the distinct token prefixes of a batch (the trie's nodes).
