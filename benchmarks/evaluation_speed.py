@@ -33,10 +33,13 @@ def task_ids(task_type: str, n: int) -> list[str]:
 
 
 def policy_path(name: str) -> str:
-    """What both checkouts can load: hpl-tiny by name, SmolLM2 as its converted directory."""
+    """What both checkouts can load: hpl-tiny by name, SmolLM2 as its converted directory, a path made absolute
+    (each checkout runs in its own directory)."""
     from hpl_lightning import models
 
-    return models.resolve(name) if models.gguf_file(name) is not None else name
+    if models.gguf_file(name) is not None:
+        return models.resolve(name)
+    return str(Path(name).resolve()) if Path(name).exists() else name
 
 
 def evaluate(code: Path, policy: str, ids: list[str], out: Path, limit_minutes: float) -> dict:
