@@ -552,43 +552,59 @@ class Experiment:
         stages.sort(key=lambda s: order[s.kind])  # stable: each kind in creation order, dependencies first
         return Plan(stages, experts, sft, runs, evals, splits_file, train_tasks, eval_tasks)
 
-    def describe_plan(self, plan: Plan) -> str:
-        counts = defaultdict(int)
-        for s in plan.stages:
-            counts[s.kind] += 1
+    def _units(self, st: Stage, plan: Plan) -> tuple[float, float | None]:
+        """(units of work, seconds per unit from ``cost``) of a stage, for the printed plan."""
         c = self.cost
-        n_train = plan.train_tasks
-        eval_episodes = sum(plan.eval_tasks[s.params["split"]] or 0 for s in plan.stages if s.kind == "evaluate")
-        estimates = {
-            "sft": (counts["sft"], c.sft_run),
-            "explore": (counts["explore"] * (n_train or 0), c.explore_task),
-            "explore_group": (counts["explore_group"] * (n_train or 0), c.explore_group_task),
-            "train": (counts["train"], c.train_run),
-            "evaluate": (eval_episodes, c.eval_episode),
-        }
-        total = 0.0
-        known = True
+        if st.kind == "sft":
+            return 1, c.sft_run
+        if st.kind in ("explore", "explore_group"):
+            return plan.train_tasks or 0, c.explore_task if st.kind == "explore" else c.explore_group_task
+        if st.kind == "train":
+            return 1, c.train_run
+        if st.kind == "evaluate":
+            return plan.eval_tasks[st.params["split"]] or 0, c.eval_episode
+        return 0, 0.0  # experts, segment, pairs: no generation (uncertainty: one forward per trajectory)
+
+    def status(self, plan: Plan) -> tuple[set[str], set[str]]:
+        """Keys of the finished stages (evaluations published in ``results_dir`` count) and of those still to run
+        (unfinished and needed by an unfinished evaluation)."""
+        done = {s.key for s in plan.stages if s.done or (
+            self.publishes and s.kind == "evaluate" and (self._published(s) / DONE_FILE).is_file())}
+        return done, self._needed(plan, done)
+
+    def describe_plan(self, plan: Plan) -> str:
+        done, to_run = self.status(plan)
         lines = [f"experiment {self.root}: {len(self.arm_names)} arms x {len(self.seeds)} seeds on "
                  f"{self.benchmark.name} "
-                 f"({n_train if n_train is not None else '?'} training tasks; evaluation "
+                 f"({plan.train_tasks if plan.train_tasks is not None else '?'} training tasks; evaluation "
                  + ", ".join(f"{s}: {n if n is not None else 'all'} tasks" for s, n in plan.eval_tasks.items()) + ")",
-                 f"arms: {', '.join(self.arm_names)}; seeds: {self.seeds}; SFT models: {counts['sft']}"]
-        for kind in STAGE_KINDS:
-            if kind == "experts" or not counts[kind]:
+                 f"arms: {', '.join(self.arm_names)}; seeds: {self.seeds}; "
+                 f"SFT models: {sum(s.kind == 'sft' for s in plan.stages)}"]
+        total = {"all": 0.0, "to run": 0.0}
+        known = True
+        for kind in STAGE_KINDS[1:]:
+            stages = [s for s in plan.stages if s.kind == kind]
+            if not stages:
                 continue
-            units, rate = estimates.get(kind, (0, None))
-            done = sum(s.done for s in plan.stages if s.kind == kind)
-            if kind in ("segment", "pairs"):
-                cost = "minutes at most"  # no generation (uncertainty: one forward per trajectory)
-            elif rate is None:
-                known = known and units == 0
-                cost = "cost ?"
-            else:
-                total += units * rate
-                cost = f"~{units * rate / 3600:.2f} h"
-            lines.append(f"  {kind:<14} {counts[kind]:>3} stage(s), {done} done  {cost}")
-        lines.append(f"rough total: {'~%.1f h' % (total / 3600) if known else 'unknown (set cost: in the config)'}"
-                     " (before skipping finished stages)")
+            costs = {"all": 0.0, "to run": 0.0}
+            for st in stages:
+                units, rate = self._units(st, plan)
+                if rate is None:
+                    known = known and units == 0
+                    continue
+                costs["all"] += units * rate
+                if st.key in to_run:
+                    costs["to run"] += units * rate
+            for k in total:
+                total[k] += costs[k]
+            n_done, n_run = sum(s.key in done for s in stages), sum(s.key in to_run for s in stages)
+            skipped = len(stages) - n_done - n_run
+            cost = ("minutes at most" if kind in ("segment", "pairs") else "cost ?" if self._units(stages[0], plan)[1]
+                    is None else f"~{costs['to run'] / 3600:.2f} h to go")
+            lines.append(f"  {kind:<14} {len(stages):>3} stage(s), {n_done} done, "
+                         + (f"{skipped} not needed, " if skipped else "") + f"{n_run} to run  {cost}")
+        lines.append(f"rough cost: ~{total['to run'] / 3600:.1f} h to go, ~{total['all'] / 3600:.1f} h for the whole "
+                     "plan" if known else "rough cost: unknown (set cost: in the config)")
         return "\n".join(lines)
 
     # -- running -------------------------------------------------------------------------------------------------
@@ -619,7 +635,7 @@ class Experiment:
                     self._publish(st)  # finished by a run that did not publish (yet)
                 elif not st.done and self._restore(st):
                     print(f"{st.kind} {st.label}: taken from {self._published(st)}", flush=True)
-        needed = self._needed(plan)
+        needed = self._needed(plan, {s.key for s in plan.stages if s.done})
         kill_after = int(os.environ.get(KILL_AFTER_ENV, "0"))
         ran = 0
         for i, st in enumerate(plan.stages, start=1):
@@ -740,16 +756,16 @@ class Experiment:
         return True
 
     @staticmethod
-    def _needed(plan: Plan) -> set[str]:
-        """Keys of the unfinished stages an unfinished evaluation depends on: training, exploration or SFT whose
-        evaluations are all done (restored from results_dir) need not run again."""
+    def _needed(plan: Plan, done: set[str]) -> set[str]:
+        """Keys of the unfinished stages an unfinished evaluation depends on (``done``: keys of finished stages):
+        training, exploration or SFT whose evaluations are all done (restored from results_dir) need not run."""
         needed: set[str] = set()
-        todo = [s for s in plan.stages if s.kind == "evaluate" and not s.done]
+        todo = [s for s in plan.stages if s.kind == "evaluate" and s.key not in done]
         while todo:
             st = todo.pop()
             if st.key not in needed:
                 needed.add(st.key)
-                todo.extend(d for d in st.deps if not d.done)
+                todo.extend(d for d in st.deps if d.key not in done)
         return needed
 
     def _release_device(self) -> None:

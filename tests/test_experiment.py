@@ -123,9 +123,14 @@ def test_published_evaluations_are_restored_and_skip_the_training_they_needed(
     assert capsys.readouterr().out.count("taken from") == 4
     plan = fresh.plan()
     assert all(plan.evals[(arm, 0, split)].done for arm in ("sft", "eto") for split in ("dev", "test"))
-    needed = fresh._needed(plan)
+    _, needed = fresh.status(plan)
     assert plan.runs[("eto", 0)].key not in needed and plan.sft[0].key not in needed  # seed 0: all evaluated
     assert plan.runs[("eto", 1)].key in needed and plan.sft[1].key in needed and plan.experts.key in needed
+    # the printed plan (also of --dry_run, which restores nothing) counts the published evaluations as done
+    dry = Experiment(str(tmp_path / "dry"), results_dir=str(tmp_path / "results"), **kw)
+    described = dry.describe_plan(dry.plan())
+    assert "evaluate         8 stage(s), 4 done, 4 to run" in described
+    assert "train            2 stage(s), 0 done, 1 not needed, 1 to run" in described
 
 
 def test_shards_partition_the_tasks_and_the_merge_checks_them() -> None:
@@ -150,7 +155,7 @@ def test_shipped_experiment_configs_plan(config: Path, tmp_path: Path, capsys: p
         pytest.skip("ScienceWorld splits.json not found")
     main(["-c", str(config), "--output_dir", str(tmp_path), "--dry_run"])
     out = capsys.readouterr().out
-    assert "arms:" in out and "rough total" in out and not list(tmp_path.iterdir())  # a dry run writes nothing
+    assert "arms:" in out and "rough cost" in out and not list(tmp_path.iterdir())  # a dry run writes nothing
 
 
 # ------------------------------------------------------------------------------------------------ the CI toy experiment
