@@ -39,7 +39,8 @@ def running(pid: int) -> bool:
     return state not in ("Z", "X")
 
 
-def wait_gone(pids: list[int], seconds: float = 10.0) -> bool:
+def wait_gone(pids: list[int], seconds: float = 120.0) -> bool:
+    """Generous: it returns as soon as the processes are gone, and a loaded 2-core CI machine is slow to reap JVMs."""
     deadline = time.monotonic() + seconds
     while any(running(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
@@ -184,7 +185,7 @@ def test_simulators_die_with_their_python_process(tmp_path, sig):
     pids = [int(p) for p in child.stdout.readline().split()]
     assert len(pids) == 2 and all(running(p) for p in pids)
     child.send_signal(sig)
-    child.wait(timeout=30)
+    child.wait(timeout=300)  # an upper bound only: closing two JVMs took over 30 s on a loaded 2-core machine
     assert wait_gone(pids)
 
 
