@@ -587,9 +587,11 @@ class Experiment:
             if not stages:
                 continue
             costs = {"all": 0.0, "to run": 0.0}
+            priced = True
             for st in stages:
                 units, rate = self._units(st, plan)
                 if rate is None:
+                    priced = False
                     known = known and units == 0
                     continue
                 costs["all"] += units * rate
@@ -599,8 +601,8 @@ class Experiment:
                 total[k] += costs[k]
             n_done, n_run = sum(s.key in done for s in stages), sum(s.key in to_run for s in stages)
             skipped = len(stages) - n_done - n_run
-            cost = ("minutes at most" if kind in ("segment", "pairs") else "cost ?" if self._units(stages[0], plan)[1]
-                    is None else f"~{costs['to run'] / 3600:.2f} h to go")
+            cost = ("minutes at most" if kind in ("segment", "pairs") else f"~{costs['to run'] / 3600:.2f} h to go"
+                    if priced else "cost ?")
             lines.append(f"  {kind:<14} {len(stages):>3} stage(s), {n_done} done, "
                          + (f"{skipped} not needed, " if skipped else "") + f"{n_run} to run  {cost}")
         lines.append(f"rough cost: ~{total['to run'] / 3600:.1f} h to go, ~{total['all'] / 3600:.1f} h for the whole "
