@@ -40,13 +40,14 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, Literal, Sequence
 
 from hpl_lightning.explore import ExploreConfig
 from hpl_lightning.pairs import PairFilters
+from hpl_lightning.results import machine, write_results
 
 PREFERENCE_LEVELS = ("trajectory", "step", "group")
 # In running order. Segmentation comes before exploration so one sharded pass (--stage explore) covers both levels.
@@ -611,8 +612,9 @@ class Experiment:
 
     # -- running -------------------------------------------------------------------------------------------------
     def run(self, dry_run: bool = False, shard: Shard | None = None, stage: str | None = None,
-            stop_before: str | None = None) -> dict[str, Any] | None:
-        """Runs the plan (or, with ``shard``, the ``stage`` kind's shard of every ready stage of that kind)."""
+            stop_before: str | None = None, command: str | None = None) -> dict[str, Any] | None:
+        """Runs the plan (or, with ``shard``, the ``stage`` kind's shard of every ready stage of that kind).
+        ``command``: how the run was launched, for the report."""
         if shard is not None and stage not in SHARDABLE:
             raise ValueError(f"--shard needs --stage, one of {SHARDABLE}")
         if stop_before is not None and stop_before not in STAGE_KINDS:
@@ -669,7 +671,7 @@ class Experiment:
             target = (st.shard_dir(shard) if shard is not None else st.dir) / DONE_FILE
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(json.dumps({"kind": st.kind, "key": st.key, "params": st.params,
-                                          "deps": [d.key for d in st.deps], "seconds": seconds,
+                                          "deps": [d.key for d in st.deps], "seconds": seconds, "machine": machine(),
                                           "result": result}, indent=1, default=str) + "\n")
             print(f"{head}: finished in {seconds:.0f} s", flush=True)
             if shard is None and self.publishes:
@@ -680,7 +682,6 @@ class Experiment:
         if shard is not None:
             return None
         from hpl_lightning.evaluation import EPISODES_FILE
-        from hpl_lightning.results import write_results
 
         evals = {k: (st.key, st.dir / EPISODES_FILE) for k, st in plan.evals.items()}
         config = {"model": self.model, "benchmark": asdict(self.benchmark), "training": asdict(self.training),
@@ -689,15 +690,21 @@ class Experiment:
                   "evaluation": asdict(self.evaluation), "pairs": asdict(self.pair_filters)}
         title = f"{self.benchmark.name}: {self.model}, {len(self.seeds)} seed(s)"
         seconds: dict[str, float] = defaultdict(float)  # wall time per stage kind (shards summed), from done.json
+        machines: Counter[str] = Counter()
         for st in plan.stages:
             published = self._published(st) / DONE_FILE
-            if self.publishes and published.is_file():  # also stages this machine never ran
-                seconds[st.kind] += json.loads(published.read_text())["seconds"]
-            else:
-                seconds[st.kind] += self._stage_seconds(st)
+            # the published record covers stages this machine never ran (and sums their shards)
+            records = ([json.loads(published.read_text())] if self.publishes and published.is_file()
+                       else self._records(st))
+            seconds[st.kind] += sum(r["seconds"] for r in records)
+            machines.update({r.get("machine", "not recorded (finished before the runner recorded machines)")
+                             for r in records})  # a stage sharded over several machines counts on each
+        provenance = {"command": command, "revision": self._revision(), "report_machine": machine(),
+                      "stage_machines": dict(machines)}
         return write_results(self.results_dir, title, self.arm_names, self.benchmark.eval_splits, evals,
                              self.evaluation.bootstrap_resamples, self.evaluation.confidence, config, dict(seconds),
-                             [n.read_text(encoding="utf-8") for n in self.report_notes], self.evaluation.baselines)
+                             [n.read_text(encoding="utf-8") for n in self.report_notes], self.evaluation.baselines,
+                             provenance)
 
     # -- publishing: results_dir keeps what a later run needs to skip finished work (never checkpoints) ----------
     @property
@@ -708,9 +715,30 @@ class Experiment:
         return self.results_dir / "stages" / st.kind / st.dir.name
 
     @staticmethod
-    def _stage_seconds(st: Stage) -> float:
+    def _records(st: Stage) -> list[dict[str, Any]]:
+        """The done.json records of a stage here: its own, or its finished shards' (a sharded stage)."""
         markers = [st.dir / DONE_FILE, *st.dir.glob(f"shards/*/{DONE_FILE}")]
-        return sum(json.loads(m.read_text())["seconds"] for m in markers if m.is_file())
+        return [json.loads(m.read_text()) for m in markers if m.is_file()]
+
+    @classmethod
+    def _stage_seconds(cls, st: Stage) -> float:
+        return sum(r["seconds"] for r in cls._records(st))
+
+    def _revision(self) -> str | None:
+        """The checkout's git commit, marked when tracked files other than the results differ from it (None
+        outside git): which code produced a report."""
+        def git(*args: str) -> str:
+            return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+
+        try:
+            head = git("rev-parse", "--short=12", "HEAD")
+            top = Path(git("rev-parse", "--show-toplevel"))
+            results = self.results_dir.resolve()
+            exclude = ([f":(exclude,top){results.relative_to(top)}"] if results.is_relative_to(top) else [])
+            dirty = git("status", "--porcelain", "--untracked-files=no", "--", ":/", *exclude)
+        except (OSError, subprocess.CalledProcessError):
+            return None
+        return f"{head} + uncommitted changes" if dirty else head
 
     def _publish(self, st: Stage) -> None:
         """Copies a finished stage's record (wall time, result) and an evaluation's episodes to results_dir."""
@@ -1032,7 +1060,8 @@ def main(args: Sequence[str] | None = None) -> dict[str, Any] | None:
     with one_line_errors(ValueError):  # a config naming an unknown arm, segmenter, split or shard: one line
         experiment = Experiment(**{name: init[name] for name in inspect.signature(Experiment).parameters})
         shard = Shard.parse(cfg.shard) if cfg.shard is not None else None
-    return experiment.run(cfg.dry_run, shard, cfg.stage, cfg.stop_before)
+    command = shlex.join(["hpl-experiment", *(sys.argv[1:] if args is None else args)])
+    return experiment.run(cfg.dry_run, shard, cfg.stage, cfg.stop_before, command)
 
 
 def console_main() -> None:

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import platform
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -179,22 +181,54 @@ def _json_table(t: dict[str, Any]) -> dict[str, Any]:
             for arm, splits in t.items()}
 
 
+def machine() -> str:
+    """One line naming the hardware and torch a stage ran on: a wall time means little without it."""
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+    accel = f"{len(gpus)}x {gpus[0]}" if gpus else "no GPU"
+    return (f"{platform.system()} {platform.machine()}, {cores} CPU cores, {memory:.0f} GiB RAM, {accel}, "
+            f"torch {torch.__version__}")
+
+
+def _provenance_lines(provenance: Mapping[str, Any]) -> list[str]:
+    if not provenance:
+        return []
+    lines = ["", "## How this was produced", ""]
+    if provenance.get("command"):
+        lines.append(f"- Command (the run that wrote this report): `{provenance['command']}`")
+    if provenance.get("revision"):
+        lines.append(f"- Code: commit `{provenance['revision']}`")
+    if provenance.get("report_machine"):
+        lines.append(f"- Report written on: {provenance['report_machine']}")
+    machines = provenance.get("stage_machines") or {}
+    if machines:
+        lines.append("- Stages (the wall times above) ran on:")
+        lines += [f"  - {name}: {n} stage(s)" for name, n in machines.items()]
+    return lines
+
+
 def write_results(root: Path, title: str, arms: Sequence[str], splits: Sequence[str],
                   evals: Mapping[tuple[str, int, str], tuple[str, Path]], resamples: int,
                   confidence: float, config: dict[str, Any], seconds: dict[str, float],
-                  notes: Sequence[str] = (), baselines: Sequence[str] = ("sft", "eto")) -> dict[str, Any]:
+                  notes: Sequence[str] = (), baselines: Sequence[str] = ("sft", "eto"),
+                  provenance: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Writes results.json, results.md and results.png to ``root`` and returns what results.json holds.
     ``seconds``: wall time per stage kind (summed over its stages and shards); ``notes``: markdown placed between
     the title and the table (a study's pre-registered protocol, its outcome); ``baselines``: the arms every other arm
-    is compared with."""
+    is compared with; ``provenance``: the command, code revision and machines behind the numbers (``command``,
+    ``revision``, ``report_machine``, ``stage_machines``: machine -> number of stages)."""
     records = collect(evals)
     main = table(records, confidence)
     compared = comparisons(records, arms, resamples, confidence, baselines)
     group_names = {split: sorted({r["group"] for r in records if r["split"] == split}) for split in splits}
     groups = {split: {g: table([r for r in records if r["split"] == split], confidence, g) for g in names}
               for split, names in group_names.items()}
-    timing = ["", "## Wall time per stage (this machine, summed over runs and shards)", "",
-              "| stage | minutes |", "|---|---|", *(f"| {k} | {v / 60:.1f} |" for k, v in seconds.items())]
+    timing = ["", "## Wall time per stage (summed over runs and shards)", "",
+              "| stage | minutes |", "|---|---|", *(f"| {k} | {v / 60:.1f} |" for k, v in seconds.items()),
+              *_provenance_lines(provenance or {})]
     report = format_markdown(title, arms, splits, main, compared, groups, confidence, resamples)
     if notes:
         head, _, rest = report.partition("\n\n")
@@ -205,7 +239,7 @@ def write_results(root: Path, title: str, arms: Sequence[str], splits: Sequence[
     result = {"config": config, "confidence": confidence, "arms": list(arms), "splits": list(splits),
               "table": _json_table(main), "comparisons": compared,
               "per_task_type": {s: {g: _json_table(t) for g, t in gs.items()} for s, gs in groups.items()},
-              "stage_seconds": seconds,
+              "stage_seconds": seconds, "provenance": dict(provenance or {}),
               "episodes": records}
     (root / "results.json").write_text(json.dumps(result, indent=1) + "\n")
     print((root / "results.md").read_text())

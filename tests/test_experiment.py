@@ -30,6 +30,7 @@ from hpl_lightning.experiment import (
     merge_shards,
     unflatten,
 )
+from hpl_lightning.results import machine
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -263,6 +264,11 @@ def test_toy_experiment_is_killed_resumed_sharded_and_its_table_recomputes(
     assert comparison["arm"] == "hpl-fixed_k" and comparison["baseline"] == "sft"
     assert comparison["reward"]["tasks"] == 2 and comparison["reward"]["seeds"] == 2
     assert set(saved["per_task_type"]["dev"]) == {"lifespan-longest-lived", "lifespan-shortest-lived"}
+    # what produced it: the command, the code's commit, and the machine every stage ran on
+    prov = saved["provenance"]
+    assert prov["command"] == f"hpl-experiment -c {config}" and f"`hpl-experiment -c {config}`" in md
+    assert prov["revision"] and prov["revision"].split()[0] in md
+    assert prov["stage_machines"] == {machine(): 14} and "CPU cores" in machine() and f"{machine()}: 14 stage(s)" in md
 
 
 def test_a_served_policy_is_started_for_its_model_and_stopped_after(tmp_path: Path) -> None:
