@@ -200,7 +200,8 @@ def _provenance_lines(provenance: Mapping[str, Any]) -> list[str]:
     if provenance.get("command"):
         lines.append(f"- Command (the run that wrote this report): `{provenance['command']}`")
     if provenance.get("revision"):
-        lines.append(f"- Code: commit `{provenance['revision']}`")
+        lines.append(f"- Code of that run: commit `{provenance['revision']}` (stages published earlier may come from "
+                     "earlier commits)")
     if provenance.get("report_machine"):
         lines.append(f"- Report written on: {provenance['report_machine']}")
     machines = provenance.get("stage_machines") or {}

@@ -40,7 +40,7 @@ def running(pid: int) -> bool:
 
 
 def wait_gone(pids: list[int], seconds: float = 120.0) -> bool:
-    """Generous: it returns as soon as the processes are gone, and a loaded 2-core CI machine is slow to reap JVMs."""
+    """An upper bound only: it returns as soon as the processes are gone."""
     deadline = time.monotonic() + seconds
     while any(running(p) for p in pids) and time.monotonic() < deadline:
         time.sleep(0.1)
