@@ -23,7 +23,7 @@ import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from hpl_lightning.schema import UsageError
+from hpl_lightning.errors import UsageError
 
 PARTIAL_SUFFIX = ".partial"
 SHARDED_META = "meta.pt"  # Lightning's non-tensor state in a sharded (FSDP/ModelParallel) checkpoint directory

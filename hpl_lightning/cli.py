@@ -1,6 +1,6 @@
 """``train.py``: LightningCLI with HPL's defaults (checkpointing for preemption, TensorBoard, the curriculum loader).
 
-Bad data raises :class:`~hpl_lightning.schema.DataError` in ``datamodule.setup``, before any model is loaded or any
+Bad data raises :class:`~hpl_lightning.errors.DataError` in ``datamodule.setup``, before any model is loaded or any
 step runs; the CLI prints it as one line naming file, line and field, and exits with status 2. So are a mistyped
 option (with the closest valid names), a missing config, checkpoint or model path.
 
@@ -19,10 +19,10 @@ from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from hpl_lightning.callbacks import DiscardUnstartedRun, progress_bar
 from hpl_lightning.checkpointing import resume_checkpoint, use_atomic_checkpoint_io
-from hpl_lightning.console import ShortErrors, UserError, one_line_errors
+from hpl_lightning.console import ShortErrors, one_line_errors
 from hpl_lightning.data import HPLDataModule
+from hpl_lightning.errors import UsageError
 from hpl_lightning.module import HPLModule
-from hpl_lightning.schema import DataError, UsageError
 
 
 # --ckpt_path values Lightning resolves itself (not file names)
@@ -80,7 +80,7 @@ class HPLCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         ckpt_path = config.get("ckpt_path")
         if ckpt_path and ckpt_path not in _CKPT_ALIASES and not Path(ckpt_path).exists():
-            raise UserError(f"--ckpt_path {ckpt_path}: no such file (or 'last' to resume the latest run)")
+            raise UsageError(f"--ckpt_path {ckpt_path}: no such file (or 'last' to resume the latest run)")
         if config.get("data") is not None and not config["data"].get("val_path"):
             config["best_checkpoint"]["monitor"] = None  # nothing to rank by: keep none
             config["best_checkpoint"]["save_top_k"] = 0
@@ -107,17 +107,8 @@ class HPLCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> None:
     """``hpl-train`` / ``python train.py``."""
-    with one_line_errors(FileNotFoundError, UsageError):
-        try:
-            HPLCLI(
-                HPLModule,
-                HPLDataModule,
-                seed_everything_default=0,
-                save_config_kwargs={"overwrite": True},
-                args=args,
-            )
-        except DataError as e:
-            raise UserError(f"invalid data: {e}") from e
+    with one_line_errors(FileNotFoundError):
+        HPLCLI(HPLModule, HPLDataModule, seed_everything_default=0, save_config_kwargs={"overwrite": True}, args=args)
 
 
 if __name__ == "__main__":  # python -m hpl_lightning.cli fit ... (what the experiment runner starts per run)

@@ -1,6 +1,6 @@
 """What the command-line tools print: errors as one actionable line, and no noise about intended behaviour.
 
-- ``UserError``: bad input a person can fix (a path, a reused directory); entry points print it as ``error: ...``.
+- ``one_line_errors``: a user's mistake (``hpl_lightning.errors``) becomes ``error: ...`` and exit status 2.
 - ``ShortErrors``: an argument parser mixin that prints a parse error first, with the closest valid option names
   for a mistyped one (``--model.lr`` -> ``--model.optim.lr``), and leaves the ~100 lines of usage to ``--help``.
 - ``quiet()``: targeted filters for messages that describe this package's design (the frozen reference is in eval
@@ -19,16 +19,18 @@ from typing import Iterator, NoReturn, Sequence
 
 from jsonargparse import ArgumentParser
 
-
-class UserError(ValueError):
-    """Bad input a person can fix; the message says what and where (no traceback needed)."""
+from hpl_lightning.errors import DataError, UserError
 
 
 @contextmanager
 def one_line_errors(*kinds: type[BaseException]) -> Iterator[None]:
-    """Turns ``UserError`` (and ``kinds``) raised inside into ``error: MESSAGE`` on stderr and exit status 2."""
+    """Turns a ``UserError`` (and ``kinds``) raised inside into one line on stderr and exit status 2: ``error:
+    invalid data: FILE:LINE: field ...`` for data, ``error: MESSAGE`` for the rest."""
     try:
         yield
+    except DataError as e:
+        print(f"error: invalid data: {e}", file=sys.stderr)
+        sys.exit(2)
     except (UserError, *kinds) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
@@ -79,8 +81,8 @@ class ShortErrorParser(ShortErrors, ArgumentParser):
 
 # (logger, message prefix) of log records that say nothing a user can act on.
 _QUIET_LOGS = (
-    # bitsandbytes is imported by peft (via transformers' scheduler module) even without quantization; on CPU it
-    # looks for an optional accelerated 4-bit kernel package. Quantized training on CPU is a test setting only.
+    # bitsandbytes, imported with peft (LoRA) and for QLoRA, looks for an optional accelerated 4-bit kernel package
+    # on CPU. Quantized training on CPU is a test setting only.
     ("bitsandbytes.backends.cpu.ops", "Failed to load CPU gemm_4bit_forward"),
     ("lightning.pytorch.utilities.rank_zero", "💡 Tip: For seamless cloud logging"),  # an advertisement
 )

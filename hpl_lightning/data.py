@@ -20,9 +20,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from hpl_lightning.curriculum import Curriculum, Slot, benchmark_of, epoch_batches, one_pass_members, phase_members
+from hpl_lightning.errors import UsageError
 from hpl_lightning.models import context_length, load_tokenizer
 from hpl_lightning.packing import pack
-from hpl_lightning.schema import LEVELS, PreferencePair, Record, UsageError, load_records
+from hpl_lightning.schema import LEVELS, PreferencePair, Record, load_records
 from hpl_lightning.tokenization import ChatTokenizer, Example, OverlongPolicy, TokenizationReport, UnscorablePolicy
 
 log = logging.getLogger(__name__)

@@ -39,8 +39,8 @@ from hpl_lightning.envs.base import (
     observation_message,
     parse_action,
 )
-from hpl_lightning.console import UserError
 from hpl_lightning.envs.pool import EnvPool
+from hpl_lightning.errors import UsageError
 from hpl_lightning.policies import Policy
 from hpl_lightning.schema import append_jsonl, write_jsonl
 
@@ -137,7 +137,7 @@ def _check_run(output_dir: Path, identity: dict[str, Any]) -> None:
     if path.exists():
         previous = json.loads(path.read_text())
         if previous != identity:
-            raise UserError(
+            raise UsageError(
                 f"{output_dir} holds an evaluation of {previous}, not {identity}; use another output_dir"
             )
     else:
@@ -173,7 +173,7 @@ def evaluate(
         progress: show a progress bar.
     """
     if benchmark not in BENCHMARKS:
-        raise ValueError(f"unknown benchmark {benchmark!r}; expected one of {sorted(BENCHMARKS)}")
+        raise UsageError(f"unknown benchmark {benchmark!r}; expected one of {sorted(BENCHMARKS)}")
     spec = BENCHMARKS[benchmark]
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -193,7 +193,7 @@ def evaluate(
         if task_ids is not None:
             unknown = set(task_ids) - {t.id for t in tasks}
             if unknown:
-                raise ValueError(f"task ids not in {benchmark}/{split}: {sorted(unknown)[:10]}")
+                raise UsageError(f"task ids not in {benchmark}/{split}: {sorted(unknown)[:10]}")
             tasks = [t for t in tasks if t.id in set(task_ids)]
         tasks = tasks[:limit]
         todo = [t for t in tasks if t.id not in done]

@@ -20,12 +20,12 @@ from typing import Any
 
 from jsonargparse import CLI
 
-from hpl_lightning.console import ShortErrorParser, UserError, one_line_errors
+from hpl_lightning.console import ShortErrorParser, one_line_errors
 from hpl_lightning.envs.intercode_replay import ReplayStopped, replay, start_server
 from hpl_lightning.envs.sciworld import gold
+from hpl_lightning.errors import UsageError
 from hpl_lightning.evaluation import EvaluationAborted, evaluate
-from hpl_lightning.policies import LocalPolicy, OpenAIPolicy, Policy
-from hpl_lightning.schema import exit_2_on_bad_input
+from hpl_lightning.policies import MAX_NEW_TOKENS, LocalPolicy, OpenAIPolicy, Policy
 
 
 def run(
@@ -38,7 +38,7 @@ def run(
     task_ids: list[str] | None = None,
     db_url: str | None = None,
     env_kwargs: dict[str, Any] | None = None,
-    max_new_tokens: int = 128,
+    max_new_tokens: int = MAX_NEW_TOKENS,
     max_context: int | None = None,
     reuse_cache: bool = False,
     batch_size: int = 16,
@@ -91,7 +91,7 @@ def run(
             kwargs["db_url"] = db_url or start_server()
         except subprocess.CalledProcessError as e:
             reason = (e.stderr or "").strip().splitlines()[-1:] or [f"exit status {e.returncode}"]
-            raise UserError(f"scripts/start_mysql.sh could not start the InterCode-SQL server: {reason[0]} "
+            raise UsageError(f"scripts/start_mysql.sh could not start the InterCode-SQL server: {reason[0]} "
                             "(or pass --db_url)") from e
         if db_url is None:
             print(f"InterCode-SQL server: {kwargs['db_url']} (scripts/start_mysql.sh); it keeps running after this "
@@ -104,7 +104,7 @@ def run(
 def main(args: list[str] | None = None) -> None:
     """``hpl-evaluate``: a bad path or a reused output directory is one line (status 2), a failed evaluation
     (backend down, nothing scored) one line with the reason (status 1)."""
-    with exit_2_on_bad_input(), one_line_errors(FileNotFoundError):
+    with one_line_errors(FileNotFoundError):
         try:
             CLI([run, replay, gold], as_positional=False, parser_class=ShortErrorParser, args=args)
         except (EvaluationAborted, ReplayStopped) as e:  # finished work is saved; the message says how to resume

@@ -45,8 +45,9 @@ from hpl_lightning.pairs import (
     rollout_key,
     task_head,
 )
+from hpl_lightning.errors import DataError, UsageError
 from hpl_lightning.policies import Policy
-from hpl_lightning.schema import DataError, Trajectory, UsageError, append_jsonl, decode_jsonl_line
+from hpl_lightning.schema import Trajectory, append_jsonl, decode_jsonl_line
 from hpl_lightning.segmentation import action_indices
 
 LEVELS = ("trajectory", "step", "group")

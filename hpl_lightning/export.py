@@ -9,7 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from hpl_lightning.console import ShortErrorParser, UserError, one_line_errors
+from hpl_lightning.console import ShortErrorParser, one_line_errors
+from hpl_lightning.errors import UsageError
 from hpl_lightning.models import load_tokenizer
 from hpl_lightning.module import HPLModule
 
@@ -17,7 +18,7 @@ from hpl_lightning.module import HPLModule
 def export(ckpt: str, output: str, merge_lora: bool = True) -> Path:
     """Loads ``ckpt`` (policy weights; the frozen parts come from the configured model) and saves the policy."""
     if not Path(ckpt).is_file():
-        raise UserError(f"--ckpt {ckpt}: no such file")
+        raise UsageError(f"--ckpt {ckpt}: no such file")
     module = HPLModule.load_from_checkpoint(ckpt, map_location="cpu")
     policy = module.policy
     if module.lora is not None and merge_lora:

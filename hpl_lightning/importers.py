@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from hpl_lightning.schema import DataError, Trajectory, parse_trajectory, read_items, to_json, write_jsonl
+from hpl_lightning.errors import DataError
+from hpl_lightning.schema import Trajectory, parse_trajectory, read_items, to_json, write_jsonl
 
 SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 

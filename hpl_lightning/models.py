@@ -23,6 +23,8 @@ from typing import Literal
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
 
+from hpl_lightning.errors import UsageError
+
 TINY_MODEL = Path(__file__).parent / "assets" / "tiny-qwen2"
 Quantization = Literal["none", "4bit", "8bit"]
 _WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.pt", "*.pth")
@@ -169,7 +171,7 @@ def load_causal_lm(
     kwargs = {"attn_implementation": attn_implementation} if attn_implementation else {}
     if is_config_only(spec):
         if quantization != "none":
-            raise ValueError("quantization needs pretrained weights; a config-only model has none")
+            raise UsageError("quantization needs pretrained weights; a config-only model has none")
         config = AutoConfig.from_pretrained(resolve(spec))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)

@@ -23,6 +23,7 @@ import torch
 
 from hpl_lightning.envs.base import Environment, Task
 from hpl_lightning.envs.pool import EnvPool
+from hpl_lightning.errors import DataError, UsageError
 from hpl_lightning.evaluation import BENCHMARKS
 from hpl_lightning.explore import (
     ExploreConfig,
@@ -35,17 +36,8 @@ from hpl_lightning.explore import (
 )
 from hpl_lightning.logprobs import final_hidden_states, token_entropies
 from hpl_lightning.pairs import PairFilters, build_pairs
-from hpl_lightning.policies import LocalPolicy, OpenAIPolicy, Policy
-from hpl_lightning.schema import (
-    DataError,
-    Trajectory,
-    UsageError,
-    exit_2_on_bad_input,
-    load_records,
-    parse_record,
-    to_json,
-    write_jsonl,
-)
+from hpl_lightning.policies import MAX_NEW_TOKENS, LocalPolicy, OpenAIPolicy, Policy
+from hpl_lightning.schema import Trajectory, load_records, parse_record, to_json, write_jsonl
 from hpl_lightning.segmentation import (
     DEFAULT_STATS_SEGMENTERS,
     InvalidCover,
@@ -93,13 +85,13 @@ def import_(output: str, input: str | None = None, source: str = "intercode", su
         result = gold_experts(split, output, limit, workers, splits or str(DEFAULT_SPLITS))
         return result["written"] + result["skipped"]
     if input is None:
-        raise ValueError(f"source {source!r} needs --input")
+        raise UsageError(f"source {source!r} needs --input")
     if source == "intercode":
         importers.intercode(input, output, success_only=success_only)
     elif source in ("sharegpt", "conversations"):
         getattr(importers, source)(input, output, task=task)
     else:
-        raise ValueError(f"unknown source {source!r}; expected intercode, sharegpt or conversations")
+        raise UsageError(f"unknown source {source!r}; expected intercode, sharegpt or conversations")
     records = [to_json(t) for t in load_trajectories(output)]
     if limit is not None:
         write_jsonl(output, records[:limit])
@@ -169,7 +161,7 @@ def segment(
         key = (options or {}).get("meta_key", "action_entropies")
         missing = [t for t in trajectories if key not in t.meta]
         if missing and reference is None:
-            raise ValueError(
+            raise UsageError(
                 f"segmenter uncertainty: {len(missing)} trajectories (e.g. {missing[0].id!r}) have no "
                 f"meta.{key}; pass --reference (the SFT policy, π_ref) to compute them"
             )
@@ -242,7 +234,7 @@ def task_resolver(benchmark: str, env: Environment) -> Callable[[Trajectory], Ta
         from hpl_lightning.envs.sciworld import parse_task_id
 
         return lambda t: env.task(*parse_task_id(t.id))  # type: ignore[attr-defined]
-    raise ValueError(f"unknown benchmark {benchmark!r}; expected intercode_sql or sciworld")
+    raise UsageError(f"unknown benchmark {benchmark!r}; expected intercode_sql or sciworld")
 
 
 def make_policies(policy: str, base_url: str | None, max_new_tokens: int, temperature: float, batch_size: int,
@@ -269,7 +261,7 @@ def explore(
     envs: int = 4,
     limit: int | None = None,
     task_ids: list[str] | None = None,
-    max_new_tokens: int = 512,
+    max_new_tokens: int = MAX_NEW_TOKENS,
     temperature: float = 1.0,
     batch_size: int = 16,
     threads: int | None = None,
@@ -293,7 +285,7 @@ def explore(
         envs: environments = rollouts in flight = the model's batch per turn.
         limit: only the first N expert trajectories.
         task_ids: only these expert trajectory ids.
-        max_new_tokens: per agent turn (paper: 512).
+        max_new_tokens: per agent turn (the paper allows 512).
         temperature: of the sampled rollouts (paper: 1.0); trajectory-level rollouts are greedy.
         batch_size: largest generate() batch of a local model.
         threads: torch CPU threads while generating.
@@ -403,9 +395,9 @@ def main(args: Sequence[str] | None = None) -> Any:
     """Runs a subcommand and returns its result (for in-process callers and tests)."""
     from jsonargparse import CLI
 
-    from hpl_lightning.console import ShortErrorParser
+    from hpl_lightning.console import ShortErrorParser, one_line_errors
 
-    with exit_2_on_bad_input():
+    with one_line_errors():
         return CLI({"import": import_, "segment": segment, "explore": explore, "pairs": pairs, "stats": stats},
                    args=args, as_positional=False, parser_class=ShortErrorParser)
 

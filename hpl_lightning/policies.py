@@ -25,12 +25,16 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from hpl_lightning.errors import UsageError
 from hpl_lightning.models import load_causal_lm, load_tokenizer
 from hpl_lightning.schema import head_length
 from hpl_lightning.tokenization import truncate_history
 
 Conversation = list[dict[str, str]]
 DEFAULT_STOP = ("\nObservation:",)
+# New tokens per agent turn, the one default of every command: the longest ReAct thought+action in the InterCode-SQL
+# GPT-3.5 trajectories is 120 SmolLM2 tokens. The paper allows 512; the shipped GPU experiment configs say so.
+MAX_NEW_TOKENS = 128
 # HTTP statuses worth another try: overloaded or restarting servers. Other 4xx are the request's fault.
 _RETRY_STATUSES = {408, 409, 425, 429, 500, 502, 503, 504}
 
@@ -67,8 +71,7 @@ class LocalPolicy(Policy):
     within ``max_context`` tokens (default: the model's window) minus ``max_new_tokens``: the oldest turns after the
     task statement go first, as training truncates (``tokenization.truncate_history``); if the head and the last
     observation alone do not fit, the middle of that observation is cut. Generation stops at a stop string (default
-    ``"\nObservation:"``), at EOS or the template's end-of-turn token, or after ``max_new_tokens`` (default 128:
-    the longest ReAct thought+action in the InterCode-SQL GPT-3.5 trajectories is 120 SmolLM2 tokens).
+    ``"\nObservation:"``), at EOS or the template's end-of-turn token, or after ``max_new_tokens`` (``MAX_NEW_TOKENS``).
 
     By default the conversations are left-padded and generated in batches of at most ``batch_size`` (sorted by
     length): every turn recomputes every context, but the decoding steps are shared. With ``reuse_cache`` each
@@ -85,7 +88,7 @@ class LocalPolicy(Policy):
     def __init__(
         self,
         model: str = "hpl-tiny",
-        max_new_tokens: int = 128,
+        max_new_tokens: int = MAX_NEW_TOKENS,
         temperature: float = 0.0,
         top_p: float = 1.0,
         stop: Sequence[str] = DEFAULT_STOP,
@@ -103,7 +106,7 @@ class LocalPolicy(Policy):
         self._batches = 0  # sampling seeds seed + batch number: reproducible, yet no two batches share samples
         self._caches: list[_CachedContext] = []  # the previous call's conversations, for reuse_cache
         if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+            raise UsageError(f"batch_size must be >= 1, got {batch_size}")
         if model.endswith(".ckpt"):
             from hpl_lightning.module import HPLModule  # Lightning import only when a checkpoint is asked for
 
@@ -120,7 +123,7 @@ class LocalPolicy(Policy):
         window = getattr(self.model.config, "max_position_embeddings", None)
         self.max_context = min(c for c in (max_context, window) if c is not None) if (max_context or window) else None
         if self.max_context is not None and self.max_context <= max_new_tokens:
-            raise ValueError(f"max_context {self.max_context} leaves no room for the prompt with max_new_tokens "
+            raise UsageError(f"max_context {self.max_context} leaves no room for the prompt with max_new_tokens "
                              f"{max_new_tokens}")
         self.eos_token_ids = end_of_turn_ids(self.tokenizer, self.model)
 
@@ -147,7 +150,7 @@ class LocalPolicy(Policy):
         head = self.tokenizer.apply_chat_template(kept[:protected], tokenize=False)
         n_head = len(self.tokenizer(head, add_special_tokens=False)["input_ids"])
         if n_head >= budget:
-            raise ValueError(f"the task statement alone is {n_head} tokens, over the context budget {budget} "
+            raise UsageError(f"the task statement alone is {n_head} tokens, over the context budget {budget} "
                              f"(max_context {self.max_context} - max_new_tokens {self.max_new_tokens})")
         return ids[:n_head] + ids[len(ids) - (budget - n_head):]  # the last observation's middle goes
 
@@ -285,7 +288,7 @@ class OpenAIPolicy(Policy):
         self.timeout, self.retries, self.backoff, self.concurrency, self.seed = timeout, retries, backoff, concurrency, seed
         self._sent: Counter = Counter()  # times each conversation was sent (keyless requests' seeds)
         if concurrency < 1:
-            raise ValueError(f"concurrency must be >= 1, got {concurrency}")
+            raise UsageError(f"concurrency must be >= 1, got {concurrency}")
 
     def describe(self) -> dict[str, Any]:
         return {"type": "openai", "model": self.model, "url": self.url, "max_tokens": self.max_tokens,

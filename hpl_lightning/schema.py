@@ -6,46 +6,19 @@ The format is documented in ``docs/data-format.md``.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
-import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Iterator, Literal, Union
+
+from hpl_lightning.errors import DataError
 
 Role = Literal["system", "user", "assistant"]
 Level = Literal["trajectory", "step", "group"]
 ROLES: tuple[str, ...] = ("system", "user", "assistant")
 LEVELS: tuple[str, ...] = ("trajectory", "step", "group")
-
-
-class DataError(ValueError):
-    """A record that violates the data contract; the message names file, line and field."""
-
-    def __init__(self, path: str | os.PathLike | None, line: int | None, field: str | None, problem: str):
-        self.path, self.line, self.field, self.problem = (str(path) if path else None), line, field, problem
-        where = ":".join(str(p) for p in (self.path, self.line) if p is not None) or "<record>"
-        super().__init__(f"{where}: field '{field}': {problem}" if field else f"{where}: {problem}")
-
-
-class UsageError(ValueError):
-    """A command-line argument that cannot work (an unknown name, a missing input file), found before any work."""
-
-
-@contextlib.contextmanager
-def exit_2_on_bad_input() -> Iterator[None]:
-    """A command's bad input ends it with one line on stderr and exit status 2 (``error: invalid data: FILE:LINE:
-    ...`` for data, ``error: ...`` for arguments), not a traceback."""
-    try:
-        yield
-    except DataError as e:
-        print(f"error: invalid data: {e}", file=sys.stderr)
-        sys.exit(2)
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
 
 
 @dataclass(frozen=True)
@@ -298,6 +271,12 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
             lineno += 1
             if raw.strip():
                 yield lineno, decode_jsonl_line(raw, path, lineno)
+
+
+def read_jsonl(path: str | os.PathLike) -> list[Any]:
+    """Every object of a JSON Lines file, read and checked as :func:`iter_jsonl` does (bounded lines, one-line
+    errors naming the file and line)."""
+    return [obj for _, obj in iter_jsonl(path)]
 
 
 def _skip_ws(text: str, i: int) -> int:

@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, Union
 import numpy as np
 
 from hpl_lightning.envs.base import parse_action
+from hpl_lightning.errors import UsageError
 from hpl_lightning.schema import Trajectory, head_length, load_records, task_statement_index
 
 if TYPE_CHECKING:
@@ -671,7 +672,7 @@ def build_segmenter(name: str, config: Mapping[str, Any] | Any | None = None, **
     ``inputs`` are non-config constructor arguments, e.g. ``entropies=`` for ``uncertainty``.
     """
     if name not in SEGMENTERS:
-        raise ValueError(f"unknown segmenter {name!r}; expected one of {sorted(SEGMENTERS)}")
+        raise UsageError(f"unknown segmenter {name!r}; expected one of {sorted(SEGMENTERS)}")
     cls = SEGMENTERS[name]
     if config is None:
         config = cls.config_class()
@@ -679,7 +680,7 @@ def build_segmenter(name: str, config: Mapping[str, Any] | Any | None = None, **
         known = {f.name for f in fields(cls.config_class)}
         unknown = set(config) - known
         if unknown:
-            raise ValueError(f"segmenter {name!r}: unknown config keys {sorted(unknown)}; expected {sorted(known)}")
+            raise UsageError(f"segmenter {name!r}: unknown config keys {sorted(unknown)}; expected {sorted(known)}")
         config = cls.config_class(**config)
     return cls(config, **inputs)
 

@@ -14,7 +14,8 @@ from typing import Callable, Literal
 
 from transformers import PreTrainedTokenizerBase
 
-from hpl_lightning.schema import DataError, Record, Trajectory, head_length
+from hpl_lightning.errors import DataError
+from hpl_lightning.schema import Record, Trajectory, head_length
 
 OverlongPolicy = Literal["truncate", "drop", "error"]
 UnscorablePolicy = Literal["error", "drop"]

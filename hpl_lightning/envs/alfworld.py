@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from hpl_lightning.envs.base import Environment, EnvironmentCrashed, StepResult, Task
+from hpl_lightning.errors import UsageError
 
 BENCHMARK = "alfworld"
 MAX_TURNS = 30
@@ -83,7 +84,7 @@ def data_dir(path: str | Path | None = None) -> Path:
 
 def split_dir(split: str) -> str:
     if split not in SPLITS:
-        raise ValueError(f"unknown ALFWorld split {split!r}; expected one of {sorted(SPLITS)}")
+        raise UsageError(f"unknown ALFWorld split {split!r}; expected one of {sorted(SPLITS)}")
     return SPLITS[split]
 
 

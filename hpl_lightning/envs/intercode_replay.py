@@ -22,7 +22,8 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from hpl_lightning.schema import DataError, append_jsonl, decode_jsonl_line, read_items
+from hpl_lightning.errors import DataError
+from hpl_lightning.schema import append_jsonl, decode_jsonl_line, read_items
 
 from hpl_lightning.envs.base import EnvironmentCrashed
 from hpl_lightning.envs.intercode_sql import (

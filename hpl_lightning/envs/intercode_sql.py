@@ -68,6 +68,7 @@ import pymysql.cursors
 import pymysql.err
 
 from hpl_lightning.envs.base import Environment, EnvironmentCrashed, StepResult, Task
+from hpl_lightning.errors import UsageError
 
 BENCHMARK = "intercode_sql"
 DEFAULT_DATA_DIR = Path(__file__).resolve().parents[3] / "shared" / "data" / "intercode_sql"
@@ -398,7 +399,7 @@ class IntercodeSqlEnv(Environment):
         test = json.loads((self.data_dir / "ipr_test_indices.json").read_text())
         indices = {"test": sorted(test), "train": sorted(set(range(n)) - set(test)), "all": list(range(n))}
         if split not in indices:
-            raise ValueError(f"unknown split {split!r}; expected one of {sorted(indices)}")
+            raise UsageError(f"unknown split {split!r}; expected one of {sorted(indices)}")
         return [self.task(i) for i in indices[split]]
 
     # ------------------------------------------------------------------------------------------------------ episode

@@ -28,6 +28,7 @@ from html.parser import HTMLParser
 from urllib.parse import quote
 
 from hpl_lightning.envs.base import Environment, EnvironmentCrashed, StepResult, Task
+from hpl_lightning.errors import UsageError
 
 BENCHMARK = "webshop"
 MAX_TURNS = 10
@@ -193,7 +194,7 @@ class WebShopEnv(Environment):
     # --- tasks -------------------------------------------------------------------------------------------------
     def tasks(self, split: str) -> list[Task]:
         if split != "test":
-            raise ValueError(f"WebShop has the 'test' split here (ETO's 200 goals); use task('webshop/<goal>') for "
+            raise UsageError(f"WebShop has the 'test' split here (ETO's 200 goals); use task('webshop/<goal>') for "
                              f"others, not {split!r}")
         return [self.task(f"{BENCHMARK}/{goal}") for goal in TEST_GOALS]
 
