@@ -20,16 +20,21 @@ from scipy import stats as scipy_stats
 from hpl_lightning.envs.sciworld import DEFAULT_SPLITS
 from hpl_lightning.experiment import (
     KILL_AFTER_ENV,
+    KINDS,
     SFT,
     Evaluation,
     Experiment,
     Shard,
+    build_plan,
     builtin_recipe,
     flatten,
     main,
     merge_shards,
+    run,
     unflatten,
 )
+from hpl_lightning.experiment.processes import served
+from hpl_lightning.experiment.status import describe_plan, status
 from hpl_lightning.results import machine
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,9 +65,10 @@ def test_options_merge_nested_and_dotted_keys() -> None:
 
 def test_plan_shares_sft_and_exploration_and_hashes_by_config(tmp_path: Path) -> None:
     def plan(**kw):
-        return Experiment(str(tmp_path), segmenters={"fixed_k": {}, "fixed_n": {}}, ablation_segmenter="fixed_k",
-                          arms=["sft", "eto", "ipr", "hpl-fixed_k", "hpl-fixed_n", "hpl-static"], seeds=[0, 1, 2],
-                          **kw).plan()
+        return build_plan(Experiment(str(tmp_path), segmenters={"fixed_k": {}, "fixed_n": {}},
+                                     ablation_segmenter="fixed_k", seeds=[0, 1, 2],
+                                     arms=["sft", "eto", "ipr", "hpl-fixed_k", "hpl-fixed_n", "hpl-static"], **kw),
+                          KINDS)
 
     p = plan()
     kinds = [s.kind for s in p.stages]
@@ -92,8 +98,8 @@ def test_the_evaluation_cut_changes_only_the_evaluations(tmp_path: Path) -> None
     from hpl_lightning.experiment import Benchmark
 
     def plan(per_type: int):
-        return Experiment(str(tmp_path), benchmark=Benchmark(task_types=["lifespan-longest-lived"], train_per_type=2,
-                                                             eval_per_type=per_type), arms=["sft", "eto"]).plan()
+        benchmark = Benchmark(task_types=["lifespan-longest-lived"], train_per_type=2, eval_per_type=per_type)
+        return build_plan(Experiment(str(tmp_path), benchmark=benchmark, arms=["sft", "eto"]), KINDS)
 
     one, two = plan(1), plan(2)
     assert two.eval_tasks == {"dev": 2, "test": 2}
@@ -107,29 +113,29 @@ def test_published_evaluations_are_restored_and_skip_the_training_they_needed(
     experiment directory (e.g. a fresh checkout) takes them as done and does not retrain what only they needed."""
     kw = dict(segmenters={"fixed_k": {}}, arms=["sft", "eto"], seeds=[0, 1], sft=SFT(per_seed=True))
     first = Experiment(str(tmp_path / "exp"), results_dir=str(tmp_path / "results"), **kw)
-    plan = first.plan()
+    plan = build_plan(first, KINDS)
     for key in [("sft", 0, "dev"), ("sft", 0, "test"), ("eto", 0, "dev"), ("eto", 0, "test")]:
         for st in [plan.evals[key], *plan.evals[key].deps]:  # the evaluation and its run finished here
             st.dir.mkdir(parents=True, exist_ok=True)
             if st.kind == "evaluate":
                 (st.dir / "episodes.jsonl").write_text(json.dumps({"id": "t", "reward": 0.5}) + "\n")
             (st.dir / "done.json").write_text(json.dumps({"kind": st.kind, "seconds": 7.0, "result": None}))
-    assert first.run(stop_before="experts") is None  # publishes what is done, runs nothing
+    assert run(first, stop_before="experts") is None  # publishes what is done, runs nothing
     published = tmp_path / "results" / "stages" / "evaluate" / plan.evals[("eto", 0, "dev")].dir.name
     assert json.loads((published / "done.json").read_text())["seconds"] == 7.0
 
     fresh = Experiment(str(tmp_path / "fresh"), results_dir=str(tmp_path / "results"), **kw)
     capsys.readouterr()
-    fresh.run(stop_before="experts")
+    run(fresh, stop_before="experts")
     assert capsys.readouterr().out.count("taken from") == 4
-    plan = fresh.plan()
+    plan = build_plan(fresh, KINDS)
     assert all(plan.evals[(arm, 0, split)].done for arm in ("sft", "eto") for split in ("dev", "test"))
-    _, needed = fresh.status(plan)
+    _, needed = status(fresh, plan, KINDS)
     assert plan.runs[("eto", 0)].key not in needed and plan.sft[0].key not in needed  # seed 0: all evaluated
     assert plan.runs[("eto", 1)].key in needed and plan.sft[1].key in needed and plan.experts.key in needed
     # the printed plan (also of --dry_run, which restores nothing) counts the published evaluations as done
     dry = Experiment(str(tmp_path / "dry"), results_dir=str(tmp_path / "results"), **kw)
-    described = dry.describe_plan(dry.plan())
+    described = describe_plan(dry, build_plan(dry, KINDS), KINDS)
     assert "evaluate         8 stage(s), 4 done, 4 to run" in described
     assert "train            2 stage(s), 0 done, 1 not needed, 1 to run" in described
 
@@ -288,8 +294,7 @@ def test_a_served_policy_is_started_for_its_model_and_stopped_after(tmp_path: Pa
     serving = Serving(base_url=f"http://127.0.0.1:{port}/v1", startup_timeout=60,
                       command=f"cd {tmp_path / 'www'} && exec {sys.executable} -m http.server {{port}} "
                               "--bind 127.0.0.1  # {model} {name}")
-    experiment = Experiment(str(tmp_path / "exp"), serving=serving)
-    with experiment._served(model) as (name, base_url):
+    with served(serving, model) as (name, base_url):
         assert name == str(model) and base_url == serving.base_url
         with urllib.request.urlopen(f"{base_url}/models", timeout=5) as answer:
             assert answer.status == 200

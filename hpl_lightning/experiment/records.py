@@ -1,0 +1,67 @@
+"""Stage records on disk: ``done.json`` written atomically and read back, and what identifies a stage's outputs.
+
+A stage is finished when its record can be read: the record is written to a temporary file and moved into place
+(``os.replace``), so a kill mid-write leaves no record rather than a half one. A record that cannot be parsed (an
+old runner's interrupted write) counts as not finished, with a warning, and the stage runs again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import subprocess
+from pathlib import Path
+from typing import Any
+
+DONE_FILE = "done.json"
+
+
+def write_record(path: Path, record: dict[str, Any]) -> None:
+    """Writes ``record`` as ``path`` atomically: readers see the old file, no file, or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=1, default=str) + "\n")
+    os.replace(tmp, path)
+
+
+def read_record(path: Path) -> dict[str, Any] | None:
+    """The record at ``path``, or None when there is none or it cannot be read (then the stage is not done)."""
+    try:
+        record = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as e:
+        print(f"WARNING: {path} cannot be read ({e}); its stage counts as not finished", flush=True)
+        return None
+    return record if isinstance(record, dict) else None
+
+
+def outputs_fingerprint(stage_dir: Path) -> str | None:
+    """sha256 of what a stage produced (model weights, rollouts, segments, pairs, episodes)."""
+    files = sorted(p for pattern in ("model/*.safetensors", "*.jsonl") for p in stage_dir.glob(pattern))
+    if not files:
+        return None
+    digest = hashlib.sha256()
+    for path in files:
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:16]
+
+
+def revision(results_dir: Path) -> str | None:
+    """The checkout's git commit, marked when tracked files other than ``results_dir`` differ from it (None outside
+    git): which code produced a report."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short=12", "HEAD")
+        top = Path(git("rev-parse", "--show-toplevel"))
+        results = results_dir.resolve()
+        exclude = ([f":(exclude,top){results.relative_to(top)}"] if results.is_relative_to(top) else [])
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ":/", *exclude)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return f"{head} + uncommitted changes" if dirty else head

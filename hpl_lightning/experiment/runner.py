@@ -1,0 +1,139 @@
+"""The executor: runs a plan stage by stage (or one kind's shard), skipping what is done, then writes the report.
+
+It knows kinds only through the table it is given (``kinds.KINDS`` by default), so tests drive the skip, needed,
+shard and stop-before logic with fake kinds and no model. A finished stage's record is written atomically, then
+published to ``results_dir``; a killed stage continues where it stopped on the next run (exploration and evaluation
+append and skip what is in their files; training resumes from ``last.ckpt``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections import Counter, defaultdict
+from dataclasses import asdict
+from typing import Any, Sequence
+
+from hpl_lightning.errors import UsageError
+from hpl_lightning.experiment.kinds import KINDS, StageKind, by_name, matches
+from hpl_lightning.experiment.plan import Plan, build_plan, needed, sciworld_protocol
+from hpl_lightning.experiment.processes import release_device
+from hpl_lightning.experiment.publishing import publish, published_dir, published_record, restore, stage_records
+from hpl_lightning.experiment.records import DONE_FILE, read_record, revision, write_record
+from hpl_lightning.experiment.settings import Experiment
+from hpl_lightning.experiment.shards import Shard, shard_dir
+from hpl_lightning.experiment.status import describe_plan
+from hpl_lightning.results import machine, write_results
+
+KILL_AFTER_ENV = "HPL_EXPERIMENT_KILL_AFTER"  # testing hook: SIGKILL the runner after this many stages ran
+
+
+def run(exp: Experiment, dry_run: bool = False, shard: Shard | None = None, stage: str | None = None,
+        stop_before: str | None = None, command: str | None = None,
+        kinds: Sequence[StageKind] = KINDS) -> dict[str, Any] | None:
+    """Runs the plan (or, with ``shard``, the ``stage`` kind's shard of every ready stage of that kind) and returns
+    the results (None for a dry run, a shard or a stop). ``command``: how the run was launched, for the report."""
+    groups = sorted({k.shard_group for k in kinds if k.shard_group})
+    if shard is not None and stage not in groups:
+        raise UsageError(f"--shard needs --stage, one of {groups}")
+    if stop_before is not None and not any(matches(k, stop_before) for k in kinds):
+        raise UsageError(f"--stop_before: expected one of {[k.name for k in kinds]}")
+    table = by_name(kinds)
+    plan = build_plan(exp, kinds)
+    print(describe_plan(exp, plan, kinds), flush=True)
+    if dry_run:
+        return None
+    if exp.benchmark.name not in ("sciworld", "intercode_sql") and any(
+            s.kind in ("explore", "explore_group") for s in plan.stages):
+        raise UsageError(f"benchmark.name: exploration supports sciworld and intercode_sql, not "
+                         f"{exp.benchmark.name!r} (pipeline.task_resolver)")
+    _prepare(exp, plan, table)
+    todo = needed(plan, {s.key for s in plan.stages if s.done})
+    kill_after = int(os.environ.get(KILL_AFTER_ENV, "0"))
+    ran = 0
+    for i, st in enumerate(plan.stages, start=1):
+        head = f"[{i}/{len(plan.stages)}] {st.kind} {st.label}"
+        kind = table[st.kind]
+        if st.done:
+            print(f"{head}: done earlier ({st.dir.relative_to(exp.root)})", flush=True)
+            continue
+        if st.key not in todo:
+            print(f"{head}: not needed (every evaluation it feeds is done)", flush=True)
+            continue
+        if shard is not None:
+            if not matches(kind, stage):
+                continue
+            if not all(d.done for d in st.deps):
+                print(f"{head}: waiting for {[d.kind for d in st.deps if not d.done]}", flush=True)
+                continue
+            if read_record(shard_dir(st, shard) / DONE_FILE) is not None:
+                print(f"{head} shard {shard.label}: done earlier", flush=True)
+                continue
+        elif matches(kind, stop_before):
+            print(f"{head}: stopping before {stop_before} (--stop_before)", flush=True)
+            return None
+        t0 = time.perf_counter()
+        print(f"{head}: running -> {st.dir.relative_to(exp.root)}", flush=True)
+        result = kind.run(exp, plan, st, shard)
+        release_device(exp.device)
+        seconds = time.perf_counter() - t0
+        write_record((shard_dir(st, shard) if shard is not None else st.dir) / DONE_FILE, {
+            "kind": st.kind, "key": st.key, "params": st.params, "deps": [d.key for d in st.deps],
+            "seconds": seconds, "machine": machine(), "result": result})
+        print(f"{head}: finished in {seconds:.0f} s", flush=True)
+        if shard is None and exp.publishes:
+            publish(exp, st, kind.publishes)
+        ran += 1
+        if kill_after and ran >= kill_after:
+            os.kill(os.getpid(), signal.SIGKILL)
+    if shard is not None:
+        return None
+    return report(exp, plan, command)
+
+
+def _prepare(exp: Experiment, plan: Plan, table: dict[str, StageKind]) -> None:
+    """The experiment directory, its derived splits and plan.json; publishes stages finished by a run that did not
+    publish, and restores published stages of restorable kinds."""
+    exp.root.mkdir(parents=True, exist_ok=True)
+    if plan.splits_file is not None and not plan.splits_file.exists():
+        plan.splits_file.write_text(json.dumps(sciworld_protocol(exp), indent=1))
+    (exp.root / "plan.json").write_text(json.dumps(
+        [{"kind": s.kind, "dir": str(s.dir.relative_to(exp.root)), "deps": [d.key for d in s.deps]}
+         for s in plan.stages], indent=1) + "\n")
+    if not exp.publishes:
+        return
+    for st in plan.stages:
+        kind = table[st.kind]
+        if st.done and published_record(exp, st) is None:
+            publish(exp, st, kind.publishes)  # finished by a run that did not publish (yet)
+        elif not st.done and kind.restorable and restore(exp, st, kind.publishes):
+            print(f"{st.kind} {st.label}: taken from {published_dir(exp, st)}", flush=True)
+
+
+def report(exp: Experiment, plan: Plan, command: str | None) -> dict[str, Any]:
+    """results.md/json/png in results_dir: the table, comparisons, wall time per stage kind and provenance."""
+    from hpl_lightning.evaluation import EPISODES_FILE
+
+    evals = {k: (st.key, st.dir / EPISODES_FILE) for k, st in plan.evals.items()}
+    config = {"model": exp.model, "benchmark": asdict(exp.benchmark), "training": asdict(exp.training),
+              "sft": asdict(exp.sft_cfg), "exploration": asdict(exp.exploration), "segmenters": exp.segmenters,
+              "arms": {a: asdict(r) for a, r in exp.recipes.items()}, "seeds": exp.seeds,
+              "evaluation": asdict(exp.evaluation), "pairs": asdict(exp.pair_filters)}
+    title = f"{exp.benchmark.name}: {exp.model}, {len(exp.seeds)} seed(s)"
+    seconds: dict[str, float] = defaultdict(float)  # wall time per stage kind (shards summed), from the records
+    machines: Counter[str] = Counter()
+    for st in plan.stages:
+        published = published_record(exp, st)
+        # the published record covers stages this machine never ran (and sums their shards)
+        records = [published] if published is not None else stage_records(st)
+        seconds[st.kind] += sum(r["seconds"] for r in records)
+        machines.update({r.get("machine", "not recorded (finished before the runner recorded machines)")
+                         for r in records})  # a stage sharded over several machines counts on each
+    provenance = {"command": command, "revision": revision(exp.results_dir), "report_machine": machine(),
+                  "stage_machines": dict(machines)}
+    return write_results(exp.results_dir, title, exp.arm_names, exp.benchmark.eval_splits, evals,
+                         exp.evaluation.bootstrap_resamples, exp.evaluation.confidence, config, dict(seconds),
+                         [n.read_text(encoding="utf-8") for n in exp.report_notes], exp.evaluation.baselines,
+                         provenance)

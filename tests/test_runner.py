@@ -1,0 +1,133 @@
+"""The experiment runner's machinery without any model: stage keys pinned for every shipped config, the registry of
+stage kinds, the executor driven by fake kinds (order, skip, needed, shards, stop-before, a kind added by one
+registry entry) and stage records that a kill mid-write cannot leave half-written."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hpl_lightning.envs.sciworld import DEFAULT_SPLITS
+from hpl_lightning.experiment import KINDS, Experiment, Shard, Stage, StageKind, build_plan, load, run
+from hpl_lightning.experiment.records import DONE_FILE, read_record, write_record
+
+REPO = Path(__file__).resolve().parents[1]
+GOLDEN = json.loads((Path(__file__).parent / "data" / "stage_keys.json").read_text())
+CONFIGS = sorted((REPO / "configs" / "experiments").glob("*.yaml"))
+
+
+def test_every_shipped_config_has_pinned_stage_keys() -> None:
+    assert sorted(GOLDEN) == [c.name for c in CONFIGS], "a new experiment config: add its keys to stage_keys.json"
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.name)
+def test_stage_keys_of_shipped_configs_are_unchanged(config: Path, tmp_path: Path) -> None:
+    """Published results are folders named by these keys (results/*/stages/<kind>/<label>-<key>): a change that
+    moves a key orphans them, so it must update tests/data/stage_keys.json on purpose and say which configs moved."""
+    if "sciworld" in config.name and not DEFAULT_SPLITS.exists():
+        pytest.skip("ScienceWorld splits.json not found")
+    exp, _ = load(["-c", str(config), "--output_dir", str(tmp_path)])
+    assert [f"{s.kind}/{s.dir.name}" for s in build_plan(exp, KINDS).stages] == GOLDEN[config.name]
+
+
+def test_a_full_plan_has_exactly_the_registered_kinds_in_running_order(tmp_path: Path) -> None:
+    exp = Experiment(str(tmp_path), benchmark=_no_protocol(), segmenters={"uncertainty": {}, "fixed_k": {}},
+                     ablation_segmenter="fixed_k", arms=["sft", "eto", "ipr", "hpl", "hpl-uncertainty"])
+    kinds = [s.kind for s in build_plan(exp, KINDS).stages]
+    assert list(dict.fromkeys(kinds)) == [k.name for k in KINDS]
+
+
+# ------------------------------------------------------------------------------------------------ fake kinds
+def _no_protocol():
+    from hpl_lightning.experiment import Benchmark
+
+    return Benchmark(name="intercode_sql", expert_source="intercode", expert_limit=3, eval_splits=["dev"])
+
+
+class Recorder:
+    """Fake stage bodies: each call is logged and leaves the files the next stages and the report read."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, str | None]] = []
+
+    def __call__(self, exp: Experiment, plan: Any, st: Stage, shard: Shard | None) -> dict[str, Any]:
+        self.calls.append((st.kind, st.label, shard.label if shard else None))
+        out = st.dir / "shards" / shard.label if shard else st.dir
+        out.mkdir(parents=True, exist_ok=True)
+        if st.kind == "evaluate":
+            episode = {"id": "sql/1", "group": "easy", "reward": 0.5, "success": 0.0, "turns": 1}
+            (out / "episodes.jsonl").write_text(json.dumps(episode) + "\n")
+        return {"tasks": ["sql/1"] if shard and shard.index == 0 else []}
+
+
+def _fake(kinds: tuple[StageKind, ...], recorder: Recorder) -> tuple[StageKind, ...]:
+    return tuple(replace(k, run=recorder) for k in kinds)
+
+
+def test_the_executor_runs_skips_shards_and_stops_by_the_table(tmp_path: Path, capsys) -> None:
+    exp = Experiment(str(tmp_path / "exp"), benchmark=_no_protocol(), segmenters={"fixed_k": {}},
+                     arms=["sft", "hpl-fixed_k"], seeds=[0, 1])
+    rec = Recorder()
+    kinds = _fake(KINDS, rec)
+    assert run(exp, stop_before="explore", kinds=kinds) is None
+    assert [c[0] for c in rec.calls] == ["experts", "sft", "segment"]  # stops at the first explore_group too
+    assert "stopping before explore" in capsys.readouterr().out
+
+    rec.calls.clear()
+    run(exp, stop_before="evaluate", kinds=kinds)
+    ran = [c[0] for c in rec.calls]
+    assert ran == ["explore", "explore_group", "pairs", "train", "train"]  # the finished three are not re-run
+    assert capsys.readouterr().out.count("done earlier") == 3
+
+    rec.calls.clear()
+    run(exp, shard=Shard(1, 2), stage="evaluate", kinds=kinds)
+    assert {c[0] for c in rec.calls} == {"evaluate"} and all(c[2] == "1-of-2" for c in rec.calls)
+    assert len(rec.calls) == 3  # sft (shared by the seeds) and the two seeds' hpl-fixed_k runs, on split dev
+    for st in build_plan(exp, kinds).stages:
+        if st.kind == "evaluate":
+            assert read_record(st.dir / "shards" / "1-of-2" / DONE_FILE)["result"] == {"tasks": []}
+            assert not st.done
+    with pytest.raises(ValueError, match="--shard needs --stage, one of"):
+        run(exp, shard=Shard(0, 2), stage="train", kinds=kinds)
+    with pytest.raises(ValueError, match="--stop_before: expected one of"):
+        run(exp, stop_before="nothing", kinds=kinds)
+
+
+def test_a_kind_added_by_one_registry_entry_is_planned_run_and_needed(tmp_path: Path) -> None:
+    """docs/experiment-runner.md: a new kind is a body plus one entry, whose ``expand`` adds its stages."""
+    rec = Recorder()
+
+    def probes(exp: Experiment, plan: Any) -> list[Stage]:
+        return [Stage("probe", run_.label, {"what": "val loss"}, [run_], exp.root)
+                for (arm, seed), run_ in plan.runs.items() if run_.kind == "train"]
+
+    kinds = (*_fake(KINDS, rec), StageKind("probe", rec, expand=probes))
+    exp = Experiment(str(tmp_path / "exp"), benchmark=_no_protocol(), arms=["sft", "eto"], seeds=[0, 1])
+    plan = build_plan(exp, kinds)
+    assert [s.kind for s in plan.stages][-2:] == ["probe", "probe"]
+    run(exp, stop_before="evaluate", kinds=kinds)
+    assert [c[0] for c in rec.calls].count("probe") == 0  # stop_before stops at the first evaluation
+    rec.calls.clear()
+    assert run(exp, kinds=kinds)["table"]["eto"]["dev"]["reward"]["mean"] == 0.5
+    assert [c[0] for c in rec.calls] == ["evaluate"] * 3 + ["probe"] * 2
+    assert all(s.done for s in plan.stages)
+
+
+def test_a_half_written_record_is_not_done_and_writes_are_atomic(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "stage" / DONE_FILE
+    write_record(path, {"kind": "sft", "seconds": 1.0})
+    assert read_record(path) == {"kind": "sft", "seconds": 1.0}
+    assert [p.name for p in path.parent.iterdir()] == [DONE_FILE]  # no temporary file left behind
+    path.write_text('{"kind": "sft", "seco')  # what an in-place write killed midway left (the old runner)
+    assert read_record(path) is None and "counts as not finished" in capsys.readouterr().out
+    exp = Experiment(str(tmp_path / "exp"), benchmark=_no_protocol(), arms=["sft"])
+    rec = Recorder()
+    experts = build_plan(exp, KINDS).experts
+    experts.dir.mkdir(parents=True)
+    (experts.dir / DONE_FILE).write_text('{"kind": "experts", "se')
+    run(exp, stop_before="sft", kinds=_fake(KINDS, rec))
+    assert rec.calls == [("experts", experts.label, None)] and read_record(experts.dir / DONE_FILE)["kind"] == "experts"
