@@ -10,21 +10,22 @@ from __future__ import annotations
 import copy
 import logging
 from dataclasses import asdict, dataclass
-from typing import Any, Literal
+from typing import Any
 
 import lightning as L
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.strategies import FSDPStrategy
 import torch
 from torchmetrics import MeanMetric
-from transformers import get_scheduler
 
 from hpl_lightning import logprobs, refcache
 from hpl_lightning.data import LEVEL_CODES, STEP_COUNTS, close_restored_epoch
 from hpl_lightning.distributed import fully_shard_model
+from hpl_lightning.errors import UsageError
 from hpl_lightning.losses import LEVEL_KEYS, LossType, objective_share, preference_loss
 from hpl_lightning.models import LoraSettings, Quantization, apply_lora, load_causal_lm
 from hpl_lightning.packing import packed_sequence_logps, tree_attention_mask, tree_block_mask
+from hpl_lightning.schedules import Schedule, warmup_then
 
 log = logging.getLogger(__name__)
 PAIR_STATS = ("loss", "rewards_chosen", "rewards_rejected", "margin", "accuracy")
@@ -48,7 +49,7 @@ class Optimization:
     lr: float = 1e-6
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
-    scheduler: Literal["cosine", "linear", "constant_with_warmup"] = "cosine"
+    scheduler: Schedule = "cosine"
     warmup_ratio: float = 0.1
 
 
@@ -87,7 +88,7 @@ class HPLModule(L.LightningModule):
     ):
         super().__init__()
         if quantization != "none" and lora is None:
-            raise ValueError("quantized (QLoRA) training needs model.lora: 4/8-bit base weights cannot be trained")
+            raise UsageError("quantized (QLoRA) training needs model.lora: 4/8-bit base weights cannot be trained")
         self.save_hyperparameters()
         # Dataclass settings are kept as objects: under LightningCLI ``hparams`` holds their raw config (dicts).
         self.weights, self.optim, self.lora = weights, optim, lora
@@ -362,9 +363,7 @@ class HPLModule(L.LightningModule):
         params = [p for p in self.policy.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=optim.lr, weight_decay=optim.weight_decay, betas=optim.betas)
         total = self._total_steps()
-        scheduler = get_scheduler(
-            optim.scheduler, optimizer, num_warmup_steps=int(optim.warmup_ratio * total), num_training_steps=total
-        )
+        scheduler = warmup_then(optimizer, optim.scheduler, int(optim.warmup_ratio * total), total)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
 
     def _total_steps(self) -> int:
