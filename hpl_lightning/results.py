@@ -201,7 +201,16 @@ def _provenance_lines(provenance: Mapping[str, Any]) -> list[str]:
         lines.append(f"- Command (the run that wrote this report): `{provenance['command']}`")
     if provenance.get("revision"):
         lines.append(f"- Code of that run: commit `{provenance['revision']}` (stages published earlier may come from "
-                     "earlier commits)")
+                     "earlier commits: below)")
+    commits = provenance.get("stage_commits") or {}
+    if commits:
+        lines.append("- Commits the stages came from, per stage kind:")
+        lines += [f"  - {kind}: " + ", ".join(f"`{c}` ({n})" for c, n in by_commit.items())
+                  for kind, by_commit in commits.items()]
+    stale = provenance.get("built_on_stale") or []
+    if stale:
+        lines.append(f"- **Built on stale stages** (made by other code than the report's, taken with --reuse_stale): "
+                     f"{len(stale)} evaluation(s): " + "; ".join(stale))
     if provenance.get("report_machine"):
         lines.append(f"- Report written on: {provenance['report_machine']}")
     machines = provenance.get("stage_machines") or {}

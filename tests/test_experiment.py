@@ -34,7 +34,9 @@ from hpl_lightning.experiment import (
     unflatten,
 )
 from hpl_lightning.experiment.processes import served
-from hpl_lightning.experiment.status import describe_plan, status
+from hpl_lightning.experiment.kinds import by_name
+from hpl_lightning.experiment.provenance import Provenance
+from hpl_lightning.experiment.status import current_provenance, describe_plan, status
 from hpl_lightning.results import machine
 
 REPO = Path(__file__).resolve().parents[1]
@@ -114,12 +116,15 @@ def test_published_evaluations_are_restored_and_skip_the_training_they_needed(
     kw = dict(segmenters={"fixed_k": {}}, arms=["sft", "eto"], seeds=[0, 1], sft=SFT(per_seed=True))
     first = Experiment(str(tmp_path / "exp"), results_dir=str(tmp_path / "results"), **kw)
     plan = build_plan(first, KINDS)
+    prov, table = Provenance(), by_name(KINDS)
     for key in [("sft", 0, "dev"), ("sft", 0, "test"), ("eto", 0, "dev"), ("eto", 0, "test")]:
         for st in [plan.evals[key], *plan.evals[key].deps]:  # the evaluation and its run finished here
             st.dir.mkdir(parents=True, exist_ok=True)
             if st.kind == "evaluate":
                 (st.dir / "episodes.jsonl").write_text(json.dumps({"id": "t", "reward": 0.5}) + "\n")
-            (st.dir / "done.json").write_text(json.dumps({"kind": st.kind, "seconds": 7.0, "result": None}))
+            provenance = current_provenance(first, st, table[st.kind], prov)  # made by this code
+            (st.dir / "done.json").write_text(json.dumps({"kind": st.kind, "seconds": 7.0, "result": None,
+                                                          "provenance": provenance}))
     assert run(first, stop_before="experts") is None  # publishes what is done, runs nothing
     published = tmp_path / "results" / "stages" / "evaluate" / plan.evals[("eto", 0, "dev")].dir.name
     assert json.loads((published / "done.json").read_text())["seconds"] == 7.0
@@ -130,12 +135,13 @@ def test_published_evaluations_are_restored_and_skip_the_training_they_needed(
     assert capsys.readouterr().out.count("taken from") == 4
     plan = build_plan(fresh, KINDS)
     assert all(plan.evals[(arm, 0, split)].done for arm in ("sft", "eto") for split in ("dev", "test"))
-    _, needed = status(fresh, plan, KINDS)
+    needed = status(fresh, plan, KINDS, prov).to_run
     assert plan.runs[("eto", 0)].key not in needed and plan.sft[0].key not in needed  # seed 0: all evaluated
     assert plan.runs[("eto", 1)].key in needed and plan.sft[1].key in needed and plan.experts.key in needed
     # the printed plan (also of --dry_run, which restores nothing) counts the published evaluations as done
     dry = Experiment(str(tmp_path / "dry"), results_dir=str(tmp_path / "results"), **kw)
-    described = describe_plan(dry, build_plan(dry, KINDS), KINDS)
+    plan = build_plan(dry, KINDS)
+    described = describe_plan(dry, plan, KINDS, status(dry, plan, KINDS, prov))
     assert "evaluate         8 stage(s), 4 done, 4 to run" in described
     assert "train            2 stage(s), 0 done, 1 not needed, 1 to run" in described
 

@@ -1,10 +1,16 @@
 """The experiment runner's machinery without any model: stage keys pinned for every shipped config, the registry of
 stage kinds, the executor driven by fake kinds (order, skip, needed, shards, stop-before, a kind added by one
-registry entry) and stage records that a kill mid-write cannot leave half-written."""
+registry entry), stage records that a kill mid-write cannot leave half-written, and stages made by other code
+(stale) found, planned again or reused on request."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import shutil
+import subprocess
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -13,7 +19,9 @@ import pytest
 
 from hpl_lightning.envs.sciworld import DEFAULT_SPLITS
 from hpl_lightning.experiment import KINDS, Experiment, Shard, Stage, StageKind, build_plan, load, run
+from hpl_lightning.experiment.provenance import CodeIndex, Provenance
 from hpl_lightning.experiment.records import DONE_FILE, read_record, write_record
+from hpl_lightning.experiment.status import describe_plan, status
 
 REPO = Path(__file__).resolve().parents[1]
 GOLDEN = json.loads((Path(__file__).parent / "data" / "stage_keys.json").read_text())
@@ -131,3 +139,81 @@ def test_a_half_written_record_is_not_done_and_writes_are_atomic(tmp_path: Path,
     (experts.dir / DONE_FILE).write_text('{"kind": "experts", "se')
     run(exp, stop_before="sft", kinds=_fake(KINDS, rec))
     assert rec.calls == [("experts", experts.label, None)] and read_record(experts.dir / DONE_FILE)["kind"] == "experts"
+
+
+# ------------------------------------------------------------------------------------------------ stale stages
+def _changed_package(tmp_path: Path, name: str, edit) -> Provenance:
+    """The provenance of a copy of the package with one module edited."""
+    copy = tmp_path / name / "hpl_lightning"
+    shutil.copytree(REPO / "hpl_lightning", copy, ignore=shutil.ignore_patterns("__pycache__"))
+    path = copy / "pairs.py"
+    path.write_text(edit(path.read_text()))
+    return Provenance(CodeIndex(copy))
+
+
+def test_stages_made_by_other_code_are_stale_downstream_only_and_reused_on_request(tmp_path: Path, capsys) -> None:
+    kw = dict(benchmark=_no_protocol(), segmenters={"fixed_k": {}}, arms=["sft", "hpl-fixed_k"], seeds=[0],
+              results_dir=str(tmp_path / "results"))
+    rec = Recorder()
+    kinds = _fake(KINDS, rec)
+    run(Experiment(str(tmp_path / "first"), **kw), kinds=kinds)
+    assert len(rec.calls) == 9
+
+    # a fresh checkout with the same code: the published evaluations are done, nothing is stale
+    fresh = Experiment(str(tmp_path / "fresh"), **kw)
+    plan = build_plan(fresh, KINDS)
+    same = status(fresh, plan, KINDS, Provenance())
+    assert not same.stale and all(s.key in same.done for s in plan.evals.values()) and not same.to_run
+
+    # a docstring and a comment changed: nothing is stale
+    cosmetic = _changed_package(tmp_path, "docs", lambda src: src.replace('"""', '"""Reworded. ', 1) + "# note\n")
+    assert not status(fresh, plan, KINDS, cosmetic).stale
+
+    # a line of code added to pairs.py: the kinds that run it and everything downstream are stale, nothing upstream
+    changed = _changed_package(tmp_path, "code", lambda src: src + "\nEXTRA_MARGIN = 0.0\n")
+    state = status(fresh, plan, KINDS, changed)
+    stale_kinds = {s.kind for s in plan.stages if s.key in state.stale}
+    assert stale_kinds == {"explore", "explore_group", "pairs", "train", "evaluate"}
+    (pairs_stage,) = [s for s in plan.stages if s.kind == "pairs"]
+    assert state.stale[pairs_stage.key].startswith("code changed: pairs")
+    assert plan.evals[("hpl-fixed_k", 0, "dev")].key not in state.done
+    assert plan.evals[("sft", 0, "dev")].key in state.done  # the SFT model and its evaluation did not run pairs.py
+    described = describe_plan(fresh, plan, KINDS, state)
+    assert re.search(r"evaluate +2 stage\(s\), 1 done, 1 stale, 1 to run", described)
+    assert f"evaluate (1): built on stale train hpl-fixed_k-s0: {plan.evals[('hpl-fixed_k', 0, 'dev')].label}" \
+        in described
+
+    # --reuse_stale takes them as they are, and the report says what they built
+    rec.calls.clear()
+    result = run(fresh, reuse_stale=True, kinds=kinds, provenance=changed)
+    assert rec.calls == [] and result["provenance"]["built_on_stale"] == ["hpl-fixed_k seed 0 dev"]
+    assert "Built on stale stages" in (tmp_path / "results" / "results.md").read_text()
+
+    # without it the stale stages run again; the old directories are kept beside the new ones
+    first = Experiment(str(tmp_path / "first"), **kw)
+    run(first, kinds=kinds, provenance=changed)
+    assert [c[0] for c in rec.calls] == ["explore", "explore_group", "pairs", "train", "evaluate"]
+    assert len(list((tmp_path / "first" / "pairs").glob("*.stale-1"))) == 1
+    assert not status(first, build_plan(first, KINDS), KINDS, changed).stale
+
+
+def test_records_without_a_fingerprint_are_stale(tmp_path: Path) -> None:
+    """Every stage published before the runner recorded provenance."""
+    exp = Experiment(str(tmp_path / "exp"), benchmark=_no_protocol(), arms=["sft"])
+    plan = build_plan(exp, KINDS)
+    write_record(plan.experts.dir / DONE_FILE, {"kind": "experts", "seconds": 1.0, "result": None})
+    state = status(exp, plan, KINDS, Provenance())
+    assert state.stale == {plan.experts.key: "no code fingerprint (made before the runner recorded one)"}
+    assert plan.experts.key not in state.done
+    assert plan.experts.key in status(exp, plan, KINDS, Provenance(), reuse_stale=True).done
+
+
+def test_code_fingerprints_are_the_same_in_every_process() -> None:
+    """A fingerprint found in set order would differ between processes (string hashing is salted per process)."""
+    code = ("import json; from hpl_lightning.experiment.kinds import KINDS; from hpl_lightning.experiment.provenance "
+            "import Provenance; p = Provenance(); print(json.dumps({k.name: p.fingerprint(k.code, {})['fingerprint'] "
+            "for k in KINDS}))")
+    runs = {subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO,
+                           env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
+    prov = Provenance()
+    assert runs == {json.dumps({k.name: prov.fingerprint(k.code, {})["fingerprint"] for k in KINDS}) + "\n"}

@@ -10,7 +10,8 @@ experts, exported as a model directory) -> segmentation per segmenter -> explora
 levels, and of the group level per segmenter, with the SFT policy -> pairs per (segmenter, levels) -> one preference
 run per (arm, seed) -> evaluation of every final checkpoint on every split -> ``results.md``/``.json``/``.png``.
 A re-run skips finished stages; a killed stage continues where it stopped. Changing a setting changes the keys of
-the stages it feeds, and only those run again.
+the stages it feeds, and only those run again; changing the code a stage kind runs makes its finished stages stale
+(their records keep the fingerprint of the code that made them), and they run again unless ``--reuse_stale``.
 
 What a seed changes (``seeds``): the preference stage's ``seed_everything`` and ``data.seed`` (batch order within
 each curriculum phase, dropout), and evaluation sampling when ``evaluation.temperature`` > 0 (greedy evaluation,
@@ -22,14 +23,15 @@ arm of a seed starts from the same SFT model and the same exploration data, so a
 One concept per module, lower layers first (none imports a later one):
 
 - ``settings``: the config (``Experiment`` and its option groups) and the arms as recipes;
-- ``records``: ``done.json`` written atomically and read back; output fingerprints; the code's git revision;
+- ``records``: ``done.json`` written atomically and read back; fingerprints of outputs and input files;
+- ``provenance``: what produced a stage (its kind's code, library versions, model weights, the commit);
 - ``plan``: stages, their keys and dependencies, built from the settings (pure);
 - ``shards``: ``--shard K/N`` and the merge of finished shards;
 - ``publishing``: copying finished stages to ``results_dir`` and restoring them on a fresh checkout;
 - ``processes``: training subprocesses, model servers, device memory;
 - ``stages``: the body of every built-in stage kind;
 - ``kinds``: the registry of stage kinds (running order, body, cost model, sharding, what is published);
-- ``status``: done / needed / cost, the printed plan;
+- ``status``: done / stale / needed / cost, the printed plan;
 - ``runner``: the executor and the report;
 - ``command``: ``hpl-experiment``.
 

@@ -27,6 +27,8 @@ def parser() -> ShortErrorParser:
                    help="with --shard: which kind of stage to shard (explore: both exploration kinds)")
     p.add_argument("--stop_before", type=str | None, default=None,
                    help=f"stop at the first unfinished stage of this kind, one of {[k.name for k in KINDS]}")
+    p.add_argument("--reuse_stale", action=ActionYesNo, default=False,
+                   help="take finished stages made by other code as done (the report marks what they built)")
     p.add_argument("--base_url", type=str | None, default=None, help="shortcut for --serving.base_url")
     return p
 
@@ -43,12 +45,13 @@ def load(args: Sequence[str] | None = None) -> tuple[Experiment, Any]:
 
 
 def main(args: Sequence[str] | None = None) -> dict[str, Any] | None:
-    """``hpl-experiment -c EXPERIMENT.yaml [--dry_run] [--shard K/N --stage KIND] [--stop_before KIND]``."""
+    """``hpl-experiment -c EXPERIMENT.yaml [--dry_run] [--shard K/N --stage KIND] [--stop_before KIND]
+    [--reuse_stale]``."""
     experiment, cfg = load(args)
     command = shlex.join(["hpl-experiment", *(sys.argv[1:] if args is None else args)])
     with one_line_errors():
         shard = Shard.parse(cfg.shard) if cfg.shard is not None else None
-        return run(experiment, cfg.dry_run, shard, cfg.stage, cfg.stop_before, command)
+        return run(experiment, cfg.dry_run, shard, cfg.stage, cfg.stop_before, command, cfg.reuse_stale)
 
 
 def console_main() -> None:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -44,24 +43,18 @@ def outputs_fingerprint(stage_dir: Path) -> str | None:
         return None
     digest = hashlib.sha256()
     for path in files:
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                digest.update(block)
+        _feed(digest, path)
     return digest.hexdigest()[:16]
 
 
-def revision(results_dir: Path) -> str | None:
-    """The checkout's git commit, marked when tracked files other than ``results_dir`` differ from it (None outside
-    git): which code produced a report."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+def file_digest(path: str | Path) -> str:
+    """sha256 of one file's bytes (an input's content, model weights)."""
+    digest = hashlib.sha256()
+    _feed(digest, Path(path))
+    return digest.hexdigest()[:16]
 
-    try:
-        head = git("rev-parse", "--short=12", "HEAD")
-        top = Path(git("rev-parse", "--show-toplevel"))
-        results = results_dir.resolve()
-        exclude = ([f":(exclude,top){results.relative_to(top)}"] if results.is_relative_to(top) else [])
-        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ":/", *exclude)
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return f"{head} + uncommitted changes" if dirty else head
+
+def _feed(digest: "hashlib._Hash", path: Path) -> None:
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)

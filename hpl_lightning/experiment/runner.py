@@ -8,56 +8,63 @@ append and skip what is in their files; training resumes from ``last.ckpt``).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import time
 from collections import Counter, defaultdict
 from dataclasses import asdict
+from pathlib import Path
 from typing import Any, Sequence
 
 from hpl_lightning.errors import UsageError
 from hpl_lightning.experiment.kinds import KINDS, StageKind, by_name, matches
-from hpl_lightning.experiment.plan import Plan, build_plan, needed, sciworld_protocol
+from hpl_lightning.experiment.plan import Plan, Stage, build_plan, sciworld_protocol
 from hpl_lightning.experiment.processes import release_device
 from hpl_lightning.experiment.publishing import publish, published_dir, published_record, restore, stage_records
-from hpl_lightning.experiment.records import DONE_FILE, read_record, revision, write_record
+from hpl_lightning.experiment.provenance import Provenance, changes, revision
+from hpl_lightning.experiment.records import DONE_FILE, read_record, write_record
 from hpl_lightning.experiment.settings import Experiment
 from hpl_lightning.experiment.shards import Shard, shard_dir
-from hpl_lightning.experiment.status import describe_plan
+from hpl_lightning.experiment.status import Status, current_provenance, describe_plan, status
 from hpl_lightning.results import machine, write_results
 
 KILL_AFTER_ENV = "HPL_EXPERIMENT_KILL_AFTER"  # testing hook: SIGKILL the runner after this many stages ran
 
 
 def run(exp: Experiment, dry_run: bool = False, shard: Shard | None = None, stage: str | None = None,
-        stop_before: str | None = None, command: str | None = None,
-        kinds: Sequence[StageKind] = KINDS) -> dict[str, Any] | None:
+        stop_before: str | None = None, command: str | None = None, reuse_stale: bool = False,
+        kinds: Sequence[StageKind] = KINDS, provenance: Provenance | None = None) -> dict[str, Any] | None:
     """Runs the plan (or, with ``shard``, the ``stage`` kind's shard of every ready stage of that kind) and returns
-    the results (None for a dry run, a shard or a stop). ``command``: how the run was launched, for the report."""
+    the results (None for a dry run, a shard or a stop). ``command``: how the run was launched, for the report;
+    ``reuse_stale``: take stages made by other code as done (the report marks what they built)."""
     groups = sorted({k.shard_group for k in kinds if k.shard_group})
     if shard is not None and stage not in groups:
         raise UsageError(f"--shard needs --stage, one of {groups}")
     if stop_before is not None and not any(matches(k, stop_before) for k in kinds):
         raise UsageError(f"--stop_before: expected one of {[k.name for k in kinds]}")
     table = by_name(kinds)
+    prov = provenance or Provenance()
     plan = build_plan(exp, kinds)
-    print(describe_plan(exp, plan, kinds), flush=True)
+    state = status(exp, plan, kinds, prov, reuse_stale)
+    print(describe_plan(exp, plan, kinds, state, reuse_stale), flush=True)
     if dry_run:
         return None
     if exp.benchmark.name not in ("sciworld", "intercode_sql") and any(
             s.kind in ("explore", "explore_group") for s in plan.stages):
         raise UsageError(f"benchmark.name: exploration supports sciworld and intercode_sql, not "
                          f"{exp.benchmark.name!r} (pipeline.task_resolver)")
-    _prepare(exp, plan, table)
-    todo = needed(plan, {s.key for s in plan.stages if s.done})
+    _prepare(exp, plan, table, state)
+    done, todo = state.done, state.to_run
     kill_after = int(os.environ.get(KILL_AFTER_ENV, "0"))
     ran = 0
     for i, st in enumerate(plan.stages, start=1):
         head = f"[{i}/{len(plan.stages)}] {st.kind} {st.label}"
         kind = table[st.kind]
-        if st.done:
-            print(f"{head}: done earlier ({st.dir.relative_to(exp.root)})", flush=True)
+        if st.key in done:
+            reused = f"; stale, reused: {state.stale[st.key]}" if st.key in state.stale else ""
+            print(f"{head}: done earlier ({st.dir.relative_to(exp.root)}{reused})", flush=True)
             continue
         if st.key not in todo:
             print(f"{head}: not needed (every evaluation it feeds is done)", flush=True)
@@ -65,15 +72,25 @@ def run(exp: Experiment, dry_run: bool = False, shard: Shard | None = None, stag
         if shard is not None:
             if not matches(kind, stage):
                 continue
-            if not all(d.done for d in st.deps):
-                print(f"{head}: waiting for {[d.kind for d in st.deps if not d.done]}", flush=True)
+            if not all(d.key in done for d in st.deps):
+                print(f"{head}: waiting for {[d.kind for d in st.deps if d.key not in done]}", flush=True)
                 continue
-            if read_record(shard_dir(st, shard) / DONE_FILE) is not None:
+            marker = read_record(shard_dir(st, shard) / DONE_FILE)
+            current = current_provenance(exp, st, kind, prov)
+            if marker is not None and (marker.get("provenance") or {}).get("fingerprint") == current["fingerprint"]:
                 print(f"{head} shard {shard.label}: done earlier", flush=True)
                 continue
+            if marker is not None:
+                _set_aside(shard_dir(st, shard), f"shard {shard.label} of {st.kind} {st.label}",
+                           changes(marker.get("provenance") or {}, current))
+            if st.key in state.stale:  # the merged record of the old code; other shards may be running beside us
+                with contextlib.suppress(FileNotFoundError):
+                    (st.dir / DONE_FILE).rename(st.dir / f"{DONE_FILE}.stale")
         elif matches(kind, stop_before):
             print(f"{head}: stopping before {stop_before} (--stop_before)", flush=True)
             return None
+        elif st.key in state.stale and st.dir.exists():
+            _set_aside(st.dir, f"{st.kind} {st.label}", state.stale[st.key])
         t0 = time.perf_counter()
         print(f"{head}: running -> {st.dir.relative_to(exp.root)}", flush=True)
         result = kind.run(exp, plan, st, shard)
@@ -81,21 +98,35 @@ def run(exp: Experiment, dry_run: bool = False, shard: Shard | None = None, stag
         seconds = time.perf_counter() - t0
         write_record((shard_dir(st, shard) if shard is not None else st.dir) / DONE_FILE, {
             "kind": st.kind, "key": st.key, "params": st.params, "deps": [d.key for d in st.deps],
-            "seconds": seconds, "machine": machine(), "result": result})
+            "seconds": seconds, "machine": machine(), "revision": revision(exp.results_dir),
+            "provenance": current_provenance(exp, st, kind, prov), "result": result})
         print(f"{head}: finished in {seconds:.0f} s", flush=True)
-        if shard is None and exp.publishes:
-            publish(exp, st, kind.publishes)
+        if shard is None:
+            done.add(st.key)
+            state.stale.pop(st.key, None)
+            if exp.publishes:
+                publish(exp, st, kind.publishes)
         ran += 1
         if kill_after and ran >= kill_after:
             os.kill(os.getpid(), signal.SIGKILL)
     if shard is not None:
         return None
-    return report(exp, plan, command)
+    return report(exp, plan, command, state)
 
 
-def _prepare(exp: Experiment, plan: Plan, table: dict[str, StageKind]) -> None:
+def _set_aside(path: Path, what: str, why: str) -> None:
+    """Moves a stale stage's (or shard's) directory aside, so it runs again from scratch rather than resuming from
+    files made by other code; nothing written is lost."""
+    n = 1
+    while (aside := path.with_name(f"{path.name}.stale-{n}")).exists():
+        n += 1
+    path.rename(aside)
+    print(f"{what}: stale ({why}); the old files are kept in {aside}", flush=True)
+
+
+def _prepare(exp: Experiment, plan: Plan, table: dict[str, StageKind], state: Status) -> None:
     """The experiment directory, its derived splits and plan.json; publishes stages finished by a run that did not
-    publish, and restores published stages of restorable kinds."""
+    publish, and restores published stages of restorable kinds that are not stale (or are reused)."""
     exp.root.mkdir(parents=True, exist_ok=True)
     if plan.splits_file is not None and not plan.splits_file.exists():
         plan.splits_file.write_text(json.dumps(sciworld_protocol(exp), indent=1))
@@ -108,12 +139,13 @@ def _prepare(exp: Experiment, plan: Plan, table: dict[str, StageKind]) -> None:
         kind = table[st.kind]
         if st.done and published_record(exp, st) is None:
             publish(exp, st, kind.publishes)  # finished by a run that did not publish (yet)
-        elif not st.done and kind.restorable and restore(exp, st, kind.publishes):
+        elif not st.done and kind.restorable and st.key in state.done and restore(exp, st, kind.publishes):
             print(f"{st.kind} {st.label}: taken from {published_dir(exp, st)}", flush=True)
 
 
-def report(exp: Experiment, plan: Plan, command: str | None) -> dict[str, Any]:
-    """results.md/json/png in results_dir: the table, comparisons, wall time per stage kind and provenance."""
+def report(exp: Experiment, plan: Plan, command: str | None, state: Status) -> dict[str, Any]:
+    """results.md/json/png in results_dir: the table, comparisons, wall time per stage kind and provenance: the
+    commits each kind's stages came from, and the evaluations built on stale stages (``--reuse_stale``)."""
     from hpl_lightning.evaluation import EPISODES_FILE
 
     evals = {k: (st.key, st.dir / EPISODES_FILE) for k, st in plan.evals.items()}
@@ -124,6 +156,7 @@ def report(exp: Experiment, plan: Plan, command: str | None) -> dict[str, Any]:
     title = f"{exp.benchmark.name}: {exp.model}, {len(exp.seeds)} seed(s)"
     seconds: dict[str, float] = defaultdict(float)  # wall time per stage kind (shards summed), from the records
     machines: Counter[str] = Counter()
+    commits: dict[str, Counter[str]] = defaultdict(Counter)
     for st in plan.stages:
         published = published_record(exp, st)
         # the published record covers stages this machine never ran (and sums their shards)
@@ -131,9 +164,28 @@ def report(exp: Experiment, plan: Plan, command: str | None) -> dict[str, Any]:
         seconds[st.kind] += sum(r["seconds"] for r in records)
         machines.update({r.get("machine", "not recorded (finished before the runner recorded machines)")
                          for r in records})  # a stage sharded over several machines counts on each
-    provenance = {"command": command, "revision": revision(exp.results_dir), "report_machine": machine(),
-                  "stage_machines": dict(machines)}
+        commits[st.kind].update({_commit(r.get("revision")) for r in records})
+    stale = sorted(f"{arm} seed {seed} {split}" for (arm, seed, split), st in plan.evals.items()
+                   if any(s.key in state.stale for s in _ancestry(st)))
+    provenance = {"command": command, "revision": _commit(revision(exp.results_dir)), "report_machine": machine(),
+                  "stage_machines": dict(machines), "stage_commits": {k: dict(v) for k, v in commits.items()},
+                  "built_on_stale": stale}
     return write_results(exp.results_dir, title, exp.arm_names, exp.benchmark.eval_splits, evals,
                          exp.evaluation.bootstrap_resamples, exp.evaluation.confidence, config, dict(seconds),
                          [n.read_text(encoding="utf-8") for n in exp.report_notes], exp.evaluation.baselines,
                          provenance)
+
+
+def _commit(rev: dict[str, Any] | None) -> str:
+    if rev is None:
+        return "not recorded (finished before the runner recorded commits)"
+    return rev["commit"] + (" + uncommitted changes" if rev["dirty"] else "")
+
+
+def _ancestry(st: Stage) -> list[Stage]:
+    out, todo = [], [st]
+    while todo:
+        s = todo.pop()
+        out.append(s)
+        todo.extend(s.deps)
+    return out
