@@ -16,8 +16,8 @@ from scipy import stats
 def crossed_t(d: np.ndarray, confidence: float) -> tuple[float, float, float, float | None]:
     """(low, high, p, df) of d's mean for random seeds (rows) and tasks (columns), by another route than
     hpl_lightning.stats: sums of squares from least-squares fits of the nested models 1, 1 + seed, 1 + task and
-    1 + seed + task; a factor whose mean square is not above the residual's gets variance 0 and is pooled into it;
-    Var(mean) from the kept mean squares, Satterthwaite df, scipy's t (docs/statistics.md)."""
+    1 + seed + task; S T Var(mean) = MS_seed + MS_task - MS_res with Satterthwaite df, or 0.3 MS_res with the
+    residual's df where that is not above 0.3 MS_res; scipy's t (docs/statistics.md)."""
     n_s, n_t = d.shape
     y = d.ravel()  # seed-major
     ones, seed, task = np.ones((y.size, 1)), np.repeat(np.eye(n_s), n_t, axis=0), np.tile(np.eye(n_t), (n_s, 1))
@@ -26,17 +26,16 @@ def crossed_t(d: np.ndarray, confidence: float) -> tuple[float, float, float, fl
         x = np.hstack(blocks)
         return float(np.sum((y - x @ np.linalg.lstsq(x, y, rcond=None)[0]) ** 2))
 
-    ms = {"seed": ((rss(ones) - rss(ones, seed)), n_s - 1), "task": ((rss(ones) - rss(ones, task)), n_t - 1)}
-    ss_res, df_res = rss(ones, seed, task), (n_s - 1) * (n_t - 1)
-    kept = {k: ss / df for k, (ss, df) in ms.items() if df > 0 and ss / df > ss_res / max(df_res, 1) * (1 + 1e-9)}
-    for k, (ss, df) in ms.items():
-        if k not in kept:
-            ss_res, df_res = ss_res + ss, df_res + df
-    terms = [(1.0, m, ms[k][1]) for k, m in kept.items()] + [(1.0 - len(kept), ss_res / df_res, df_res)]
-    var = sum(c * m for c, m, _ in terms) / y.size
+    terms = [(1.0, rss(ones) - rss(ones, seed), n_s - 1), (1.0, rss(ones) - rss(ones, task), n_t - 1),
+             (-1.0, rss(ones, seed, task), (n_s - 1) * (n_t - 1))]
+    terms = [(c, ss / df, df) for c, ss, df in terms if df > 0]  # (coefficient, mean square, df)
     if np.all(y == y[0]):  # every cell the same difference: no spread to estimate
         return y.mean(), y.mean(), float(y.mean() == 0), None
-    df = (var * y.size) ** 2 / sum((c * m) ** 2 / f for c, m, f in terms if c)
+    ms_res = terms[-1][1] if n_s > 1 and n_t > 1 else 0.0
+    if sum(c * m for c, m, _ in terms) <= 0.3 * ms_res * (1 + 1e-9):
+        terms = [(0.3, ms_res, (n_s - 1) * (n_t - 1))]
+    var = sum(c * m for c, m, _ in terms) / y.size
+    df = (var * y.size) ** 2 / sum((c * m) ** 2 / f for c, m, f in terms)
     half = stats.t.ppf(0.5 + confidence / 2, df) * math.sqrt(var)
     return y.mean() - half, y.mean() + half, 2 * stats.t.sf(abs(y.mean()) / math.sqrt(var), df), df
 
