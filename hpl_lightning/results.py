@@ -4,8 +4,9 @@ comparisons), ``results.md`` (the paper-style table, paired comparisons, per-tas
 
 Statistics (see :mod:`hpl_lightning.stats`): an arm's number on a split is the mean over its distinct evaluations
 (one per seed; arms without a preference stage and greedy evaluation have one) of the evaluation's average over
-tasks, ± the Student-t half-width; comparisons pair the two arms' rewards on the same (seed, task) cells and
-bootstrap over tasks and seeds. Episodes whose environment crashed are never in a finished evaluation.
+tasks, ± the Student-t half-width over seeds (on these tasks); comparisons pair the two arms' rewards on the same
+(seed, task) cells and generalise over seeds and tasks (crossed random effects, Satterthwaite t: docs/statistics.md).
+Episodes whose environment crashed are never in a finished evaluation.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from hpl_lightning.stats import Interval, mean_ci, paired_bootstrap
+from hpl_lightning.stats import METHOD, Interval, mean_ci, paired_difference
 
 METRICS = ("reward", "success")
 
@@ -74,8 +75,8 @@ def table(records: Sequence[dict[str, Any]], confidence: float, group: str | Non
     return dict(out)
 
 
-def comparisons(records: Sequence[dict[str, Any]], arms: Sequence[str], resamples: int,
-                confidence: float, baselines: Sequence[str] = ("sft", "eto")) -> list[dict[str, Any]]:
+def comparisons(records: Sequence[dict[str, Any]], arms: Sequence[str], confidence: float,
+                baselines: Sequence[str] = ("sft", "eto")) -> list[dict[str, Any]]:
     """Each arm against each baseline present, per split and metric, paired on (seed, task)."""
     cells: dict[tuple[str, str, str], dict[tuple[int, str], float]] = defaultdict(dict)
     for r in records:
@@ -92,12 +93,29 @@ def comparisons(records: Sequence[dict[str, Any]], arms: Sequence[str], resample
             for split in splits:
                 row: dict[str, Any] = {"arm": arm, "baseline": baseline, "split": split}
                 for metric in METRICS:
-                    c = paired_bootstrap(cells[(arm, split, metric)], cells[(baseline, split, metric)], resamples,
-                                         seed=0, confidence=confidence)
-                    row[metric] = {"diff": c.diff, "low": c.low, "high": c.high, "p_value": c.p_value,
+                    c = paired_difference(cells[(arm, split, metric)], cells[(baseline, split, metric)],
+                                          confidence)
+                    row[metric] = {"diff": c.diff, "low": _finite(c.low), "high": _finite(c.high),
+                                   "p_value": _finite(c.p_value), "se": _finite(c.se), "df": _finite(c.df),
                                    "tasks": c.n_tasks, "seeds": c.n_seeds}
                 out.append(row)
     return out
+
+
+def _finite(x: float) -> float | None:
+    """None for NaN (an interval one (seed, task) cell cannot have), which JSON cannot hold."""
+    return None if math.isnan(x) else x
+
+
+def _points(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:+.1f}"
+
+
+def _compared(m: dict[str, Any]) -> str:
+    """One metric's comparison as the table's "Δ [low, high] | p | df"."""
+    p = "—" if m["p_value"] is None else f"{m['p_value']:.3f}"
+    df = "—" if m["df"] is None else f"{m['df']:.1f}"
+    return f"{_points(m['diff'])} [{_points(m['low'])}, {_points(m['high'])}] | {p} | {df}"
 
 
 def _pct(ci: Interval) -> str:
@@ -106,14 +124,13 @@ def _pct(ci: Interval) -> str:
 
 
 def format_markdown(title: str, arms: Sequence[str], splits: Sequence[str], main: dict[str, Any],
-                    compared: list[dict[str, Any]], groups: dict[str, dict[str, Any]], confidence: float,
-                    resamples: int) -> str:
+                    compared: list[dict[str, Any]], groups: dict[str, dict[str, Any]], confidence: float) -> str:
     level = f"{round(100 * confidence)}%"
     lines = [f"# {title}", "",
-             f"Mean ± {level} CI (Student t) over seeds; rewards and success rates in percent; valid = share of "
-             "the agent's turns with a parsable action the environment accepted (a reward without valid actions is "
-             "the simulator's starting score, not skill); n = evaluations (seeds; one where the model and greedy "
-             "evaluation are shared) x tasks.", "",
+             f"Mean ± {level} CI (Student t) over seeds, on these tasks; rewards and success rates in percent; "
+             "valid = share of the agent's turns with a parsable action the environment accepted (a reward without "
+             "valid actions is the simulator's starting score, not skill); n = evaluations (seeds; one where the "
+             "model and greedy evaluation are shared) x tasks.", "",
              "| arm | " + " | ".join(f"{s} reward | {s} success | {s} valid | {s} n" for s in splits) + " |",
              "|---|" + "---|---|---|---|" * len(splits)]
     for arm in arms:
@@ -125,15 +142,17 @@ def format_markdown(title: str, arms: Sequence[str], splits: Sequence[str], main
                       else ["-"] * 4)
         lines.append(f"| {arm} | " + " | ".join(cells) + " |")
     if compared:
-        lines += ["", f"## Paired comparisons (bootstrap over tasks and seeds, {resamples} resamples)", "",
-                  f"| arm | vs | split | Δ reward [{level} CI] | p | Δ success [{level} CI] | p | tasks x seeds |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["", "## Paired comparisons", "",
+                  "Δ = arm − baseline in points, the mean over the (seed, task) cells both arms have. It estimates "
+                  "the expected difference over training seeds and over tasks of the benchmark (both random samples): "
+                  f"{level} t interval, standard error from {METHOD} (df: its degrees of freedom). p: two-sided, from "
+                  f"the same t distribution, so p < {1 - confidence:.2g} exactly when the interval excludes 0; there "
+                  "is no resampling, so no ties to split. Why, and the coverage measured: docs/statistics.md.", "",
+                  f"| arm | vs | split | Δ reward [{level} CI] | p | df | Δ success [{level} CI] | p | df | "
+                  "tasks x seeds |", "|---|---|---|---|---|---|---|---|---|---|"]
         for c in compared:
-            r, s = c["reward"], c["success"]
-            lines.append(f"| {c['arm']} | {c['baseline']} | {c['split']} | {100 * r['diff']:+.1f} "
-                         f"[{100 * r['low']:+.1f}, {100 * r['high']:+.1f}] | {r['p_value']:.3f} | "
-                         f"{100 * s['diff']:+.1f} [{100 * s['low']:+.1f}, {100 * s['high']:+.1f}] | "
-                         f"{s['p_value']:.3f} | {r['tasks']}x{r['seeds']} |")
+            lines.append(f"| {c['arm']} | {c['baseline']} | {c['split']} | {_compared(c['reward'])} | "
+                         f"{_compared(c['success'])} | {c['reward']['tasks']}x{c['reward']['seeds']} |")
     for split in splits:
         names = sorted(groups.get(split, {}))
         if not names:
@@ -229,17 +248,19 @@ def write_results(root: Path, title: str, arms: Sequence[str], splits: Sequence[
     ``seconds``: wall time per stage kind (summed over its stages and shards); ``notes``: markdown placed between
     the title and the table (a study's pre-registered protocol, its outcome); ``baselines``: the arms every other arm
     is compared with; ``provenance``: the command, code revision and machines behind the numbers (``command``,
-    ``revision``, ``report_machine``, ``stage_machines``: machine -> number of stages)."""
+    ``revision``, ``report_machine``, ``stage_machines``: machine -> number of stages). ``resamples`` is unused
+    (the comparisons are analytic since the bootstrap went): it stays until the runner stops passing
+    ``evaluation.bootstrap_resamples``."""
     records = collect(evals)
     main = table(records, confidence)
-    compared = comparisons(records, arms, resamples, confidence, baselines)
+    compared = comparisons(records, arms, confidence, baselines)
     group_names = {split: sorted({r["group"] for r in records if r["split"] == split}) for split in splits}
     groups = {split: {g: table([r for r in records if r["split"] == split], confidence, g) for g in names}
               for split, names in group_names.items()}
     timing = ["", "## Wall time per stage (summed over runs and shards)", "",
               "| stage | minutes |", "|---|---|", *(f"| {k} | {v / 60:.1f} |" for k, v in seconds.items()),
               *_provenance_lines(provenance or {})]
-    report = format_markdown(title, arms, splits, main, compared, groups, confidence, resamples)
+    report = format_markdown(title, arms, splits, main, compared, groups, confidence)
     if notes:
         head, _, rest = report.partition("\n\n")
         report = "\n\n".join([head, *(n.strip() for n in notes), "## Results", rest])
