@@ -22,6 +22,7 @@ from typing import Any, Mapping, Sequence
 from hpl_lightning.stats import METHOD, Interval, mean_ci, paired_difference
 
 METRICS = ("reward", "success")
+STALE_MARK = "†"
 
 
 def collect(evals: Mapping[tuple[str, int, str], tuple[str, Path]]) -> list[dict[str, Any]]:
@@ -124,7 +125,8 @@ def _pct(ci: Interval) -> str:
 
 
 def format_markdown(title: str, arms: Sequence[str], splits: Sequence[str], main: dict[str, Any],
-                    compared: list[dict[str, Any]], groups: dict[str, dict[str, Any]], confidence: float) -> str:
+                    compared: list[dict[str, Any]], groups: dict[str, dict[str, Any]], confidence: float,
+                    stale_arms: Sequence[str] = ()) -> str:
     level = f"{round(100 * confidence)}%"
     lines = [f"# {title}", "",
              f"Mean ± {level} CI (Student t) over seeds, on these tasks; rewards and success rates in percent; "
@@ -140,7 +142,10 @@ def format_markdown(title: str, arms: Sequence[str], splits: Sequence[str], main
             valid = _pct(s["valid_actions"]) if s and "valid_actions" in s else "-"
             cells += ([_pct(s["reward"]), _pct(s["success"]), valid, f"{s['reward'].n}x{s['tasks']}"] if s
                       else ["-"] * 4)
-        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+        lines.append(f"| {arm}{STALE_MARK if arm in stale_arms else ''} | " + " | ".join(cells) + " |")
+    if stale_arms:
+        lines += ["", f"{STALE_MARK} built on stages made by other code than this report's (--reuse_stale): see "
+                      "'How this was produced'."]
     if compared:
         lines += ["", "## Paired comparisons", "",
                   "Δ = arm − baseline in points, the mean over the (seed, task) cells both arms have. It estimates "
@@ -228,8 +233,9 @@ def _provenance_lines(provenance: Mapping[str, Any]) -> list[str]:
                   for kind, by_commit in commits.items()]
     stale = provenance.get("built_on_stale") or []
     if stale:
-        lines.append(f"- **Built on stale stages** (made by other code than the report's, taken with --reuse_stale): "
-                     f"{len(stale)} evaluation(s): " + "; ".join(stale))
+        lines.append(f"- **{STALE_MARK} Built on stale stages** (made by other code than the report's, taken with "
+                     f"--reuse_stale): {len(stale)} evaluation(s): "
+                     + "; ".join(f"{e['arm']} seed {e['seed']} {e['split']}" for e in stale))
     if provenance.get("report_machine"):
         lines.append(f"- Report written on: {provenance['report_machine']}")
     machines = provenance.get("stage_machines") or {}
@@ -240,17 +246,16 @@ def _provenance_lines(provenance: Mapping[str, Any]) -> list[str]:
 
 
 def write_results(root: Path, title: str, arms: Sequence[str], splits: Sequence[str],
-                  evals: Mapping[tuple[str, int, str], tuple[str, Path]], resamples: int,
-                  confidence: float, config: dict[str, Any], seconds: dict[str, float],
+                  evals: Mapping[tuple[str, int, str], tuple[str, Path]], confidence: float, config: dict[str, Any], seconds: dict[str, float],
                   notes: Sequence[str] = (), baselines: Sequence[str] = ("sft", "eto"),
                   provenance: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Writes results.json, results.md and results.png to ``root`` and returns what results.json holds.
     ``seconds``: wall time per stage kind (summed over its stages and shards); ``notes``: markdown placed between
     the title and the table (a study's pre-registered protocol, its outcome); ``baselines``: the arms every other arm
     is compared with; ``provenance``: the command, code revision and machines behind the numbers (``command``,
-    ``revision``, ``report_machine``, ``stage_machines``: machine -> number of stages). ``resamples`` is unused
-    (the comparisons are analytic since the bootstrap went): it stays until the runner stops passing
-    ``evaluation.bootstrap_resamples``."""
+    ``revision``, ``report_machine``, ``stage_machines``: machine -> number of stages; ``stage_commits``: stage
+    kind -> commit -> number of stages; ``built_on_stale``: the evaluations built on stale stages, whose arms the
+    table marks)."""
     records = collect(evals)
     main = table(records, confidence)
     compared = comparisons(records, arms, confidence, baselines)
@@ -260,7 +265,8 @@ def write_results(root: Path, title: str, arms: Sequence[str], splits: Sequence[
     timing = ["", "## Wall time per stage (summed over runs and shards)", "",
               "| stage | minutes |", "|---|---|", *(f"| {k} | {v / 60:.1f} |" for k, v in seconds.items()),
               *_provenance_lines(provenance or {})]
-    report = format_markdown(title, arms, splits, main, compared, groups, confidence)
+    stale_arms = sorted({e["arm"] for e in (provenance or {}).get("built_on_stale") or []})
+    report = format_markdown(title, arms, splits, main, compared, groups, confidence, stale_arms)
     if notes:
         head, _, rest = report.partition("\n\n")
         report = "\n\n".join([head, *(n.strip() for n in notes), "## Results", rest])

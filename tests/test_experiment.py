@@ -89,7 +89,7 @@ def test_plan_shares_sft_and_exploration_and_hashes_by_config(tmp_path: Path) ->
     assert per_seed.runs[("eto", 1)].key != p.runs[("eto", 1)].key  # a new SFT model feeds new runs
     # statistics settings do not re-run evaluations; generation settings do
     keys = {s.key for s in p.stages}
-    assert keys == {s.key for s in plan(evaluation=Evaluation(bootstrap_resamples=99, confidence=0.9)).stages}
+    assert keys == {s.key for s in plan(evaluation=Evaluation(confidence=0.9, baselines=["sft"])).stages}
     longer = {s.key for s in plan(evaluation=Evaluation(max_new_tokens=7)).stages}
     assert {s.kind for s in p.stages if s.key not in longer} == {"evaluate"}
     with pytest.raises(ValueError, match=r"arms\[1\] \('hpl-jaccard'\): unknown arm"):
@@ -190,7 +190,7 @@ def _toy_config(tmp: Path) -> Path:
         "segmenters": {"fixed_k": {"group_size": 2}},
         "arms": ["sft", "hpl-fixed_k"],
         "seeds": [0, 1],
-        "evaluation": {"workers": 1, "max_new_tokens": 4, "threads": 1, "bootstrap_resamples": 500},
+        "evaluation": {"workers": 1, "max_new_tokens": 4, "threads": 1},
     }
     path = tmp / "experiment.yaml"
     path.write_text(json.dumps(config))

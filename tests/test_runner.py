@@ -186,8 +186,10 @@ def test_stages_made_by_other_code_are_stale_downstream_only_and_reused_on_reque
     # --reuse_stale takes them as they are, and the report says what they built
     rec.calls.clear()
     result = run(fresh, reuse_stale=True, kinds=kinds, provenance=changed)
-    assert rec.calls == [] and result["provenance"]["built_on_stale"] == ["hpl-fixed_k seed 0 dev"]
-    assert "Built on stale stages" in (tmp_path / "results" / "results.md").read_text()
+    assert rec.calls == [] and result["provenance"]["built_on_stale"] == [{"arm": "hpl-fixed_k", "seed": 0,
+                                                                          "split": "dev"}]
+    report = (tmp_path / "results" / "results.md").read_text()
+    assert "| hpl-fixed_k† |" in report and "| sft |" in report and "† Built on stale stages" in report
 
     # without it the stale stages run again; the old directories are kept beside the new ones
     first = Experiment(str(tmp_path / "first"), **kw)

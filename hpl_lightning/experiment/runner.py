@@ -165,13 +165,13 @@ def report(exp: Experiment, plan: Plan, command: str | None, state: Status) -> d
         machines.update({r.get("machine", "not recorded (finished before the runner recorded machines)")
                          for r in records})  # a stage sharded over several machines counts on each
         commits[st.kind].update({_commit(r.get("revision")) for r in records})
-    stale = sorted(f"{arm} seed {seed} {split}" for (arm, seed, split), st in plan.evals.items()
-                   if any(s.key in state.stale for s in _ancestry(st)))
+    stale = [{"arm": arm, "seed": seed, "split": split} for (arm, seed, split), st in plan.evals.items()
+             if any(s.key in state.stale for s in _ancestry(st))]
     provenance = {"command": command, "revision": _commit(revision(exp.results_dir)), "report_machine": machine(),
                   "stage_machines": dict(machines), "stage_commits": {k: dict(v) for k, v in commits.items()},
                   "built_on_stale": stale}
     return write_results(exp.results_dir, title, exp.arm_names, exp.benchmark.eval_splits, evals,
-                         exp.evaluation.bootstrap_resamples, exp.evaluation.confidence, config, dict(seconds),
+                         exp.evaluation.confidence, config, dict(seconds),
                          [n.read_text(encoding="utf-8") for n in exp.report_notes], exp.evaluation.baselines,
                          provenance)
 

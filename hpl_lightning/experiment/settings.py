@@ -20,7 +20,7 @@ PREFERENCE_LEVELS = ("trajectory", "step", "group")
 # three epochs: data.schedule {unit: epochs, length: 3} with trainer.max_epochs 3).
 SFT_DEFAULTS = {"data.curriculum.mode": "static", "trainer.max_epochs": 1}
 # Evaluation settings that change how results are summarised or how fast, not the episodes: not part of the hash.
-STATISTICS_ONLY = ("bootstrap_resamples", "confidence", "baselines", "threads")
+STATISTICS_ONLY = ("confidence", "baselines", "threads")
 
 
 @dataclass
@@ -82,7 +82,6 @@ class Evaluation:
     batch_size: int = 16
     threads: int | None = None
     limit: int | None = None  # first N tasks of each split
-    bootstrap_resamples: int = 10_000
     confidence: float = 0.95
     baselines: list[str] = field(default_factory=lambda: ["sft", "eto"])  # paired comparisons: every arm vs these
 
