@@ -8,6 +8,8 @@ checkpoint, fsyncs it and renames it over the old one: a reader sees the old che
 ``--ckpt_path last`` (or a path) is checked before Lightning loads it (:func:`resume_checkpoint`): a truncated or
 corrupt checkpoint is named with what is wrong, and ``last`` falls back to the newest intact checkpoint in the same
 directory instead of ending in a torch traceback.
+
+:class:`FinalCheckpoint` makes ``last.ckpt`` hold the end of a fit, whatever ``every_n_train_steps`` is.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from typing import Any
 
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 from hpl_lightning.errors import UsageError
@@ -89,6 +92,42 @@ def use_atomic_checkpoint_io(strategy: Any) -> None:
     """Makes ``strategy`` write through :class:`AtomicCheckpointIO` if it has Lightning's default writer."""
     if type(strategy.checkpoint_io) is TorchCheckpointIO:
         strategy.checkpoint_io = AtomicCheckpointIO()
+
+
+class FinalCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose ``last.ckpt`` (``save_last``) also holds a fit's final optimizer step.
+
+    Lightning 2.6 writes ``last.ckpt`` beside a periodic save only, and at the end of training only if nothing was
+    saved at all: with ``every_n_train_steps: 10`` a 19-step fit left ``last.ckpt`` at step 10, so exporting,
+    evaluating or resuming "the trained model" took an earlier one. Here the batch that ends the fit (``max_steps``,
+    or the last batch of the last epoch) saves ``last.ckpt`` as a periodic save would, so resuming a finished run
+    finds the loops where a periodic checkpoint leaves them (it trains nothing more; a larger ``max_steps`` goes on);
+    a fit that ends otherwise (``should_stop``, ``max_time``) saves it at the end of training. Every rank takes the
+    same decision (same step, same epoch) and saves together.
+    """
+
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        if _ends_fit(trainer) and not self._defer_save_until_validation:  # a deferred save comes after validation
+            self._save_final(trainer)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._save_final(trainer)
+        super().on_train_end(trainer, pl_module)
+
+    def _save_final(self, trainer: Any) -> None:
+        """``last.ckpt`` at the current step unless this step is saved already."""
+        if self.save_last and not self._should_skip_saving_checkpoint(trainer):
+            self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+
+
+def _ends_fit(trainer: Any) -> bool:
+    """Whether the fit loop stops after the current training batch: ``max_steps`` reached, or the epoch's last
+    batch in the last epoch."""
+    if trainer.max_steps != -1 and trainer.global_step >= trainer.max_steps:
+        return True
+    last_epoch = trainer.max_epochs not in (None, -1) and trainer.current_epoch + 1 >= trainer.max_epochs
+    return last_epoch and trainer.fit_loop.epoch_loop._num_ready_batches_reached()
 
 
 # ------------------------------------------------------------------------------------------------ checking

@@ -4,8 +4,10 @@ Bad data raises :class:`~hpl_lightning.errors.DataError` in ``datamodule.setup``
 step runs; the CLI prints it as one line naming file, line and field, and exits with status 2. So are a mistyped
 option (with the closest valid names), a missing config, checkpoint or model path.
 
-Checkpoints: ``last.ckpt`` plus the ``checkpoint.save_top_k`` most recent periodic ``stepNNNNNN.ckpt`` (at 7B a
-full checkpoint is ~15 GB) and, with validation data, the best one by ``best_checkpoint.monitor`` (``val/loss``).
+Checkpoints: ``last.ckpt`` (at the end of a fit its final step, see
+:class:`~hpl_lightning.checkpointing.FinalCheckpoint`) plus the ``checkpoint.save_top_k`` most recent periodic
+``stepNNNNNN.ckpt`` (at 7B a full checkpoint is ~15 GB) and, with validation data, the best one by
+``best_checkpoint.monitor`` (``val/loss``).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, Pr
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from hpl_lightning.callbacks import DiscardUnstartedRun, progress_bar
-from hpl_lightning.checkpointing import resume_checkpoint, use_atomic_checkpoint_io
+from hpl_lightning.checkpointing import FinalCheckpoint, resume_checkpoint, use_atomic_checkpoint_io
 from hpl_lightning.console import ShortErrors, one_line_errors
 from hpl_lightning.data import HPLDataModule
 from hpl_lightning.errors import UsageError
@@ -38,14 +40,15 @@ class HPLCLI(LightningCLI):
         super().__init__(*args, parser_class=HPLArgumentParser, **kwargs)
 
     def add_arguments_to_parser(self, parser) -> None:
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(FinalCheckpoint, "checkpoint")
         parser.add_lightning_class_args(ModelCheckpoint, "best_checkpoint")
         parser.add_lightning_class_args(LearningRateMonitor, "lr_monitor")
         parser.link_arguments("model.policy", "data.tokenizer")
         parser.link_arguments("model.packing", "data.packing")  # packing is done by the collate, used by the model
         parser.set_defaults(
             {
-                # last.ckpt on every save, plus one on SIGTERM/exceptions: a preempted run resumes where it stopped.
+                # last.ckpt on every save, at the end of the fit, and on SIGTERM/exceptions: a preempted run resumes
+                # where it stopped, a finished one holds its final weights.
                 "checkpoint.save_last": True,
                 "checkpoint.save_on_exception": True,
                 "checkpoint.every_n_train_steps": 100,

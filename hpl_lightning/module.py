@@ -16,7 +16,7 @@ import lightning as L
 from lightning.fabric.utilities.apply_func import move_data_to_device
 from lightning.pytorch.strategies import FSDPStrategy
 import torch
-from torchmetrics import MeanMetric
+from torchmetrics import Metric
 
 from hpl_lightning import logprobs, refcache
 from hpl_lightning.data import LEVEL_CODES, STEP_COUNTS, close_restored_epoch
@@ -29,7 +29,7 @@ from hpl_lightning.schedules import Schedule, warmup_then
 
 log = logging.getLogger(__name__)
 PAIR_STATS = ("loss", "rewards_chosen", "rewards_rejected", "margin", "accuracy")
-TRAIN_ROWS = (*LEVEL_KEYS.values(), "bc")
+ROWS = (*LEVEL_KEYS.values(), "bc")  # the objective's terms; behaviour cloning has the loss column only
 
 
 @dataclass(frozen=True)
@@ -97,15 +97,8 @@ class HPLModule(L.LightningModule):
         self.register_state_dict_post_hook(_drop_frozen_state)
         self.policy: torch.nn.Module | None = None
         self.reference: torch.nn.Module | None = None
-        self._step_sums: torch.Tensor | None = None  # the current optimizer step's train statistics (for logging)
-        self.metrics = torch.nn.ModuleDict(
-            {
-                _metric_key(stage, level, stat): MeanMetric()
-                for stage in ("val", "test")
-                for level in (*LEVEL_KEYS.values(), "bc")
-                for stat in (PAIR_STATS if level != "bc" else ("loss",))
-            }
-        )
+        # what is logged: sums over the current optimizer step (train) or the whole split (val, test), all ranks
+        self.train_sums, self.val_sums, self.test_sums = LevelSums(), LevelSums(), LevelSums()
 
     # -- models --------------------------------------------------------------------------------------------------
     def configure_model(self) -> None:
@@ -222,13 +215,14 @@ class HPLModule(L.LightningModule):
                 return self.sequence_logps(self.policy, batch, rows, torch.float64)[0]
 
     # -- steps ---------------------------------------------------------------------------------------------------
-    def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor:
-        """This batch's share of the objective (:func:`~hpl_lightning.losses.objective_share`).
+    def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor | None:
+        """Training: this batch's share of the objective (:func:`~hpl_lightning.losses.objective_share`).
 
-        Training: each level is a mean over its pairs in the whole optimizer step and ``L_BC`` a mean over the step's
+        Each level is a mean over its pairs in the whole optimizer step and ``L_BC`` a mean over the step's
         behaviour-cloning tokens, from the step's counts the data module puts in every batch (``step_counts``); the
-        share is scaled by accumulation and world size, which Lightning and DDP divide by. Validation/test: means
-        over the batch, logged as means over the whole split.
+        share is scaled by accumulation and world size, which Lightning and DDP divide by. Every stage adds the
+        batch's sums to :class:`LevelSums`: logged per optimizer step (train) or, over the whole split, at its end
+        (validation/test: ``val/loss`` is the objective over the split, what the best checkpoint is chosen by).
         """
         hp = self.hparams
         if ("tree_end" in batch) != hp.packing:
@@ -243,6 +237,9 @@ class HPLModule(L.LightningModule):
         logps, n_tokens, _ = self.sequence_logps(self.policy, batch, sum_dtype=torch.float64)
         sums: dict[str, torch.Tensor] = {}
         denominators: dict[str, torch.Tensor | float] = {}
+        # every row on every batch, absent levels as zeros: the ranks' sums meet in one reduction whatever they hold
+        table = torch.zeros(len(ROWS), len(PAIR_STATS), dtype=torch.float64, device=logps.device)
+        counts = torch.zeros(len(ROWS), dtype=torch.float64, device=logps.device)
         if not n and self._sharded and hp.reference_cache is None:
             # Sharded models gather their weights collectively: every rank must run the same forwards, so a rank
             # whose batch has no pair still runs the reference (on one row, result unused).
@@ -258,88 +255,62 @@ class HPLModule(L.LightningModule):
                 logps[:n], logps[n : 2 * n], ref[:n], ref[n:], hp.beta, hp.loss_type, hp.label_smoothing,
                 n_tokens[:n], n_tokens[n : 2 * n],
             )
+            stats = torch.stack([out.losses.detach(), out.chosen_rewards, out.rejected_rewards, out.margins,
+                                 out.accuracies], 1).to(torch.float64)  # columns: PAIR_STATS
             for level, key in LEVEL_KEYS.items():
                 mask = (batch["pair_level"] == LEVEL_CODES[level]) & (batch["pair_weight"] > 0)
-                if not mask.any():
-                    continue  # a level absent from the batch contributes nothing
-                sums[key] = out.losses[mask].sum()
-                denominators[key] = mask.sum()
-                self._track(stage, key, out, mask)
+                row = ROWS.index(key)
+                table[row], counts[row] = stats[mask].sum(0), mask.sum()
+                if mask.any():  # a level absent from the batch adds nothing to the objective
+                    sums[key] = out.losses[mask].sum()
+                    denominators[key] = mask.sum()
         pair_weight = batch["pair_weight"]
         bc_rows = torch.cat([pair_weight * hp.bc_on_chosen, torch.zeros_like(pair_weight), batch["bc_weight"]])
         if bc_rows.any():  # summed NLL of the rows' agent tokens, over a number of tokens
             sums["bc"] = -(logps * bc_rows).sum()
             denominators["bc"] = (n_tokens * bc_rows).sum()
-            if not train:
-                self._update(stage, "bc", "loss", sums["bc"].detach() / denominators["bc"], denominators["bc"])
-        if train:
-            counts = dict(zip(STEP_COUNTS, batch["step_counts"]))
-            denominators = {key: counts[level] for level, key in LEVEL_KEYS.items()}
-            denominators["bc"] = counts["bc_tokens"] + hp.bc_on_chosen * counts["chosen_tokens"]
-            self._accumulate_bc(sums.get("bc"))
-        weights = asdict(self.weights)
+            table[ROWS.index("bc"), 0], counts[ROWS.index("bc")] = sums["bc"].detach(), denominators["bc"]
+        self._level_sums(stage).update(table, counts)
+        if not train:
+            return None  # validation/test log their means over the whole split at its end
+        counts = dict(zip(STEP_COUNTS, batch["step_counts"]))
+        denominators = {key: counts[level] for level, key in LEVEL_KEYS.items()}
+        denominators["bc"] = counts["bc_tokens"] + hp.bc_on_chosen * counts["chosen_tokens"]
         if sums:
-            loss = objective_share(sums, denominators, weights)
+            loss = objective_share(sums, denominators, asdict(self.weights))
         else:  # a batch of fillers only (evens out DDP ranks): a zero that still reaches every parameter
             loss = 0.0 * logps.sum()
+        if batch["step_end"]:
+            self._log_means("train")
+            self.log("curriculum/phase", float(batch.get("phase", 0)), on_step=True, on_epoch=False, batch_size=1)
+        # Lightning divides each micro-batch's loss by accumulate_grad_batches and DDP/FSDP average gradients over
+        # ranks: undo both, so the step's gradient is that of the sum of the shares, i.e. of L.
+        return loss * self.trainer.accumulate_grad_batches * self.trainer.world_size
+
+    def _log_means(self, stage: str) -> None:
+        """Logs ``stage``'s sums so far (an optimizer step, a whole split), summed over ranks by torchmetrics, as
+        means, then starts them afresh: per level its statistics (and pair count in training), and ``loss``, the
+        objective. Train logs per step; validation/test per epoch."""
+        sums, counts = self._level_sums(stage).compute()
+        self._level_sums(stage).reset()
+        values = level_means(sums, counts, asdict(self.weights))
+        train = stage == "train"
         if train:
-            if batch["step_end"]:
-                self._log_train_step(denominators, weights, batch)
-            # Lightning divides each micro-batch's loss by accumulate_grad_batches and DDP/FSDP average gradients
-            # over ranks: undo both, so the step's gradient is that of the sum of the shares, i.e. of L.
-            return loss * self.trainer.accumulate_grad_batches * self.trainer.world_size
-        # Validation/test: the batch's objective, averaged over the split (what the best checkpoint is chosen by).
-        self.log(f"{stage}/loss", loss, on_step=False, on_epoch=True, batch_size=max(len(batch["ids"]), 1))
-        return loss
+            values |= {f"{key}/pairs": counts[ROWS.index(key)] for key in LEVEL_KEYS.values()}
+        for name, value in values.items():
+            # Epoch values are already equal on every rank, with the same keys in the same order: the sync (a mean of
+            # equal values) only tells Lightning so.
+            self.log(f"{stage}/{name}", value.float(), batch_size=1, on_step=train, on_epoch=not train,
+                     sync_dist=not train, prog_bar=train and name == "loss")
 
-    def _train_sums(self) -> torch.Tensor:
-        """Running sums over the current optimizer step: rows traj, step, group, bc; columns :data:`PAIR_STATS`."""
-        if self._step_sums is None:
-            self._step_sums = torch.zeros(len(TRAIN_ROWS), len(PAIR_STATS), dtype=torch.float64, device=self.device)
-        return self._step_sums
+    def _level_sums(self, stage: str) -> "LevelSums":
+        return getattr(self, f"{stage}_sums")
 
-    def _accumulate_bc(self, nll_sum: torch.Tensor | None) -> None:
-        if nll_sum is not None:
-            self._train_sums()[TRAIN_ROWS.index("bc"), 0] += nll_sum.detach()
+    def on_validation_epoch_end(self) -> None:
+        self._log_means("val")
 
-    def _log_train_step(self, denominators: dict[str, torch.Tensor], weights: dict[str, float], batch) -> None:
-        """Logs the optimizer step's exact means (one all-reduce of the step's sums) and its pairs per level."""
-        sums = self.trainer.strategy.reduce(self._train_sums().clone(), reduce_op="sum")
-        self._step_sums = None
-        total = 0.0
-        for row, key in enumerate(TRAIN_ROWS):
-            count = denominators[key]
-            if key != "bc":
-                self.log(f"train/{key}/pairs", float(count), on_step=True, on_epoch=False, batch_size=1)
-            if count <= 0:
-                continue
-            means = sums[row] / count
-            total = total + weights[key] * means[0]
-            for stat, value in zip(PAIR_STATS if key != "bc" else ("loss",), means):
-                self.log(f"train/{key}/{stat}", value.float(), on_step=True, on_epoch=False, batch_size=1)
-        self.log("train/loss", float(total), prog_bar=True, on_step=True, on_epoch=False, batch_size=1)
-        self.log("curriculum/phase", float(batch.get("phase", 0)), on_step=True, on_epoch=False, batch_size=1)
-
-    def _track(self, stage: str, level: str, out, mask: torch.Tensor) -> None:
-        values = {
-            "loss": out.losses.detach(),
-            "rewards_chosen": out.chosen_rewards,
-            "rewards_rejected": out.rejected_rewards,
-            "margin": out.margins,
-            "accuracy": out.accuracies,
-        }
-        if stage == "train":
-            row = self._train_sums()[TRAIN_ROWS.index(level)]
-            row += torch.stack([values[stat][mask].sum().to(torch.float64) for stat in PAIR_STATS])
-            return
-        for stat, value in values.items():
-            self._update(stage, level, stat, value[mask], torch.ones_like(value[mask]))
-
-    def _update(self, stage: str, level: str, stat: str, value: torch.Tensor, weight: torch.Tensor) -> None:
-        """Validation/test metrics: exact means over the whole split."""
-        metric = self.metrics[_metric_key(stage, level, stat)]
-        metric.update(value, weight)
-        self.log(f"{stage}/{level}/{stat}", metric, on_step=False, on_epoch=True)
+    def on_test_epoch_end(self) -> None:
+        self._log_means("test")
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         return self._step(batch, "train")
@@ -400,8 +371,45 @@ def _drop_frozen_state(module: "HPLModule", state_dict: dict, prefix: str, metad
             del state_dict[key]
 
 
-def _metric_key(stage: str, level: str, stat: str) -> str:
-    return f"{stage}_{level}_{stat}"
+class LevelSums(Metric):
+    """Sums of the logged statistics per row of :data:`ROWS` (columns :data:`PAIR_STATS`; behaviour cloning's NLL in
+    the loss column) and the number of terms behind each row (pairs; behaviour-cloning tokens).
+
+    torchmetrics sums both over ranks when they are computed. Every rank updates every row on every batch (zeros for
+    what its batch lacks), so every rank takes part in the same reduction whatever its shard holds.
+    """
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("sums", torch.zeros(len(ROWS), len(PAIR_STATS), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("counts", torch.zeros(len(ROWS), dtype=torch.float64), dist_reduce_fx="sum")
+
+    def update(self, sums: torch.Tensor, counts: torch.Tensor) -> None:
+        self.sums += sums
+        self.counts += counts
+
+    def compute(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.sums.clone(), self.counts.clone()
+
+
+def level_means(sums: torch.Tensor, counts: torch.Tensor, weights: dict[str, float]) -> dict[str, torch.Tensor]:
+    """``{"traj/loss": ..., "bc/loss": ..., "loss": ...}`` from :class:`LevelSums`: each statistic's mean over its
+    level's terms, and ``loss`` the objective ``sum_k w_k * mean_k`` over the levels present
+    (:func:`~hpl_lightning.losses.objective_share` of the whole sums). A level with no term has no mean: left out."""
+    present = [key for row, key in enumerate(ROWS) if counts[row] > 0]
+    values = {}
+    for key in present:
+        row = ROWS.index(key)
+        for stat, value in zip(PAIR_STATS if key != "bc" else ("loss",), sums[row] / counts[row]):
+            values[f"{key}/{stat}"] = value
+    if present:
+        values["loss"] = objective_share(
+            {key: sums[ROWS.index(key), 0] for key in present}, {key: counts[ROWS.index(key)] for key in present},
+            weights,
+        )
+    return values
 
 
 def _packed_logps(model: torch.nn.Module, batch: dict[str, Any], sum_dtype: torch.dtype):

@@ -2,6 +2,7 @@
 
 ``KillAt`` kills at a given optimizer step (or the whole process group: every rank at once, like a lost node);
 ``DieInNextFileWrite`` kills the process inside the next file write past a size, e.g. halfway through a checkpoint.
+``StopAt`` ends a fit early the way EarlyStopping or ``max_time`` do (``trainer.should_stop``), without a kill.
 """
 
 from __future__ import annotations
@@ -29,6 +30,17 @@ class KillAt(L.Callback):
                     return  # rank 0 kills the group
                 os.killpg(os.getpgid(0), self.signal)
             os.kill(os.getpid(), self.signal)
+
+
+class StopAt(L.Callback):
+    """Sets ``trainer.should_stop`` at the end of optimizer step ``step``: the fit ends there, normally."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step:
+            trainer.should_stop = True
 
 
 class DieInNextFileWrite(L.Callback):

@@ -3,6 +3,7 @@ truncated or corrupt last.ckpt names it and falls back to the newest intact chec
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -33,8 +34,12 @@ def _fit(run: Path, train: Path, *extra: str, env: dict[str, str] | None = None)
                           env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})
 
 
+def _load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=False)
+
+
 def _step(path: Path) -> int:
-    return torch.load(path, map_location="cpu", weights_only=False)["global_step"]
+    return _load(path)["global_step"]
 
 
 @pytest.fixture
@@ -84,6 +89,43 @@ def train(tmp_path_factory) -> Path:
     return write_jsonl(tmp_path_factory.mktemp("ckpt") / "train.jsonl", make_records(n_tasks=3))
 
 
+def _consumed(run: Path) -> list[list[str]]:
+    return [json.loads(line)["ids"] for line in (run / "ids.rank0.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_last_checkpoint_holds_the_final_step_for_every_consumer(train, tmp_path):
+    """The one pass is 7 steps, a checkpoint every 2: Lightning alone left last.ckpt at step 6. Ended by the epochs,
+    by max_steps (5) or by should_stop (3, as EarlyStopping ends a fit), last.ckpt holds the final step; resuming a
+    finished run trains nothing, and resuming with a larger max_steps goes on as one uninterrupted run."""
+    audit = ["--trainer.callbacks+=hpl_lightning.callbacks.ConsumedIds"]
+    full, part, stopped = tmp_path / "full", tmp_path / "part", tmp_path / "stopped"
+    for run, limit in ((full, "-1"), (part, "5")):
+        done = _fit(run, train, f"--trainer.max_steps={limit}", *audit, f"--trainer.callbacks.path={run / 'ids'}")
+        assert done.returncode == 0, done.stderr[-3000:]
+    assert _step(full / "ckpt" / "last.ckpt") == 7 and len(_consumed(full)) == 7
+    assert _step(part / "ckpt" / "last.ckpt") == 5
+
+    again = _fit(full, train, "--trainer.max_steps=-1", "--ckpt_path=last", *audit,
+                 f"--trainer.callbacks.path={full / 'ids'}")
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert _step(full / "ckpt" / "last.ckpt") == 7 and len(_consumed(full)) == 7  # nothing trained twice
+
+    more = _fit(part, train, "--trainer.max_steps=-1", "--ckpt_path=last", *audit,
+                f"--trainer.callbacks.path={part / 'ids'}")
+    assert more.returncode == 0, more.stderr[-3000:]
+    assert _consumed(part) == _consumed(full)
+    expected, got = _load(full / "ckpt" / "last.ckpt"), _load(part / "ckpt" / "last.ckpt")
+    assert got["global_step"] == 7
+    weights = expected["state_dict"]
+    assert max((weights[k] - got["state_dict"][k]).abs().max().item() for k in weights) < 1e-6
+
+    done = _fit(stopped, train, "--trainer.max_steps=-1", "--trainer.callbacks+=tests.killers.StopAt",
+                "--trainer.callbacks.step=3")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert _step(stopped / "ckpt" / "last.ckpt") == 3
+
+
 @pytest.mark.slow
 def test_kill_during_a_checkpoint_write_with_tmpdir_elsewhere_then_resume(train, tmp_path, shm_tmpdir):
     run = tmp_path / "run"
@@ -122,8 +164,8 @@ def test_resume_from_a_truncated_last_falls_back_to_the_newest_intact(train, tmp
                        f"checkpoint in {run / 'ckpt'}"]
     assert f"Restored all states from the checkpoint at {run / 'ckpt' / 'step000004.ckpt'}" in resumed.stderr
     # last.ckpt whole again, and the run trained through the whole of phase 3 as an uninterrupted run would: the one
-    # pass is 7 steps (phases of 2, 2 and 3 batches; step 4 closes phase 2), the last checkpoint (every 2) step 6
-    assert checkpoint_problem(last) is None and _step(last) == 6
+    # pass is 7 steps (phases of 2, 2 and 3 batches; step 4 closes phase 2), last.ckpt at its final step
+    assert checkpoint_problem(last) is None and _step(last) == 7
     assert "Traceback" not in resumed.stderr
 
 

@@ -1,8 +1,11 @@
-"""DDP with 2 CPU processes (gloo), and sharded FSDP2 (ModelParallelStrategy) with an exact sharded resume."""
+"""DDP with 2 CPU processes (gloo), validation whatever each rank's shard holds, and sharded FSDP2
+(ModelParallelStrategy) with an exact sharded resume."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 from collections import defaultdict
@@ -10,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from hpl_lightning.cli import main
 from hpl_lightning.curriculum import Curriculum, one_pass_members
 from hpl_lightning.schema import load_records
 from tests.synthetic import make_records, write_jsonl
@@ -27,8 +31,17 @@ def _fit(run: Path, train: Path, *extra: str) -> subprocess.CompletedProcess:
         f"--checkpoint.dirpath={run / 'ckpt'}", "--trainer.callbacks+=hpl_lightning.callbacks.ConsumedIds",
         f"--trainer.callbacks.path={run / 'ids'}", *extra,
     ]
-    # a session of its own: a test may kill the whole process group (all ranks) like a lost node
-    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=900, start_new_session=True)
+    # a session of its own: a test may kill the whole process group (all ranks) like a lost node, and a hung run is
+    # ended whole (a rank hung in a collective ignores SIGTERM) and fails the test instead of hanging it
+    with subprocess.Popen(args, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=900)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            stdout, stderr = proc.communicate()
+            pytest.fail(f"the run did not finish in 900 s:\n{stderr[-4000:]}")
+    return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
 
 
 def _consumed(run: Path, rank: int) -> list[dict]:
@@ -61,6 +74,47 @@ def test_ddp_ranks_get_disjoint_shares_that_cover_each_phase(tmp_path):
     every = [i for epoch in range(3) for rank in (0, 1) for i in per_rank_epoch[epoch][rank]]
     assert sorted(every) == sorted(r.id for r in records)  # one pass: every item once
     assert (tmp_path / "run" / "ckpt" / "last.ckpt").exists()
+
+
+def _validations(path: Path, rank: int) -> list[dict]:
+    return [json.loads(line) for line in Path(f"{path}.rank{rank}.jsonl").read_text().splitlines()]
+
+
+def test_validation_logs_the_objective_over_the_split_whatever_the_batches_and_ranks(tmp_path):
+    """9 validation items dealt to 2 ranks (batch 4): rank 0 gets the trajectory and step pairs, rank 1 the expert
+    trajectories and group pairs and, last, a batch of padding only. The 2-rank fit used to hang in its sanity check
+    (the ranks logged different keys, so their metric syncs did not pair up). Now both ranks log the same keys in
+    the same order, and the sanity check over the whole split (initial weights) logs what one process logs with
+    validation batches of 8 or of 1; val/loss is the objective: the sum of the level means (weights 1)."""
+    records = {r["id"]: r for r in make_records(n_tasks=3)}
+    order = ["traj-0", "bc-0", "step-0", "group-0-0", "traj-1", "bc-1", "step-1", "group-1-0", "traj-2"]
+    val = write_jsonl(tmp_path / "val.jsonl", [records[i] for i in order])
+    train = write_jsonl(tmp_path / "train.jsonl", list(records.values()))
+    common = [f"--data.val_path={val}", "--data.max_length=512", "--trainer.accelerator=cpu",
+              "--trainer.enable_progress_bar=false", "--trainer.callbacks+=tests.logged.SaveValidationMetrics"]
+    single = {}
+    for batch in (8, 1):
+        run = tmp_path / f"b{batch}"
+        main(["validate", *common, f"--data.batch_size={batch}", f"--trainer.callbacks.path={run / 'val'}",
+              f"--trainer.default_root_dir={run}", "--trainer.logger=false"])
+        (single[batch],) = _validations(run / "val", 0)
+    run = tmp_path / "ddp"
+    proc = _fit(run, train, *common[:2], "--data.batch_size=4", "--trainer.strategy=ddp", "--trainer.max_steps=1",
+                "--trainer.val_check_interval=1", "--trainer.num_sanity_val_steps=-1", *common[-1:],
+                f"--trainer.callbacks.path={run / 'val'}", f"--best_checkpoint.dirpath={run / 'ckpt'}")
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+    ranks = [_validations(run / "val", rank) for rank in (0, 1)]
+    assert [[(v["sanity"], list(v["metrics"])) for v in r] for r in ranks] == [
+        [(True, list(single[8]["metrics"])), (False, list(single[8]["metrics"]))]] * 2
+    expected = single[8]["metrics"]
+    assert {f"val/{level}/loss" for level in ("traj", "step", "group", "bc")} < expected.keys()
+    assert expected["val/loss"] == pytest.approx(sum(expected[f"val/{k}/loss"] for k in ("traj", "step", "group",
+                                                                                          "bc")), rel=1e-6)
+    for name, got in (("batch 1", single[1]), ("2 ranks x batch 4", ranks[0][0]), ("rank 1", ranks[1][0])):
+        assert got["metrics"] == pytest.approx(expected, rel=1e-5, abs=1e-6), name
+    assert ranks[0][1]["metrics"] == ranks[1][1]["metrics"]  # after a step: one value on every rank
+    assert (run / "ckpt" / "best-step000001.ckpt").is_file()  # chosen by val/loss
 
 
 def _sharded_policy(ckpt_dir: Path, out: Path) -> dict:

@@ -63,3 +63,22 @@ def test_level_means_over_the_step_whatever_the_micro_batches():
     assert sum(objective_share(p, denominators, weights).item() for p in parts) == pytest.approx(expected)
     with pytest.raises(ValueError):
         objective_share({}, denominators, weights)
+
+
+def test_logged_means_are_the_objective_over_what_was_summed():
+    """Two batches' sums: trajectory pairs 0.4 + 1.6 over 1 + 3 pairs, no step pair, group 3.0 over 2, behaviour
+    cloning 30 nats over 10 tokens. Means per level over all its terms, not per batch; an absent level has none."""
+    from hpl_lightning.module import PAIR_STATS, ROWS, LevelSums, level_means
+
+    sums = LevelSums()
+    for traj, group, bc in (((0.4, 1.0), (0.0, 0.0), (10.0, 4.0)), ((1.6, 3.0), (3.0, 2.0), (20.0, 6.0))):
+        table, counts = torch.zeros(len(ROWS), len(PAIR_STATS), dtype=torch.float64), torch.zeros(len(ROWS))
+        for key, (total, n) in (("traj", traj), ("group", group), ("bc", bc)):
+            table[ROWS.index(key), 0], counts[ROWS.index(key)] = total, n
+        sums.update(table, counts.double())
+    values = level_means(*sums.compute(), {"traj": 1.0, "step": 1.0, "group": 0.5, "bc": 1.0})
+    assert not any(k.startswith("step/") for k in values)
+    assert values["traj/loss"].item() == pytest.approx(0.5)  # 2.0 / 4 pairs (the batch means 0.4 and 0.53 average 0.47)
+    assert values["group/loss"].item() == pytest.approx(1.5)
+    assert values["bc/loss"].item() == pytest.approx(3.0)
+    assert values["loss"].item() == pytest.approx(0.5 + 0.5 * 1.5 + 3.0)
