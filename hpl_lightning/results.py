@@ -233,9 +233,12 @@ def _provenance_lines(provenance: Mapping[str, Any]) -> list[str]:
                   for kind, by_commit in commits.items()]
     stale = provenance.get("built_on_stale") or []
     if stale:
+        by_arm: dict[str, list[str]] = defaultdict(list)
+        for e in stale:
+            by_arm[e["arm"]].append(f"{e['seed']}/{e['split']}")
         lines.append(f"- **{STALE_MARK} Built on stale stages** (made by other code than the report's, taken with "
-                     f"--reuse_stale): {len(stale)} evaluation(s): "
-                     + "; ".join(f"{e['arm']} seed {e['seed']} {e['split']}" for e in stale))
+                     f"--reuse_stale): {len(stale)} evaluation(s), seed/split: "
+                     + "; ".join(f"{arm} {', '.join(cells)}" for arm, cells in by_arm.items()))
     if provenance.get("report_machine"):
         lines.append(f"- Report written on: {provenance['report_machine']}")
     machines = provenance.get("stage_machines") or {}
