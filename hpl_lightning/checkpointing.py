@@ -99,16 +99,19 @@ class FinalCheckpoint(ModelCheckpoint):
 
     Lightning 2.6 writes ``last.ckpt`` beside a periodic save only, and at the end of training only if nothing was
     saved at all: with ``every_n_train_steps: 10`` a 19-step fit left ``last.ckpt`` at step 10, so exporting,
-    evaluating or resuming "the trained model" took an earlier one. Here the batch that ends the fit (``max_steps``,
-    or the last batch of the last epoch) saves ``last.ckpt`` as a periodic save would, so resuming a finished run
-    finds the loops where a periodic checkpoint leaves them (it trains nothing more; a larger ``max_steps`` goes on);
-    a fit that ends otherwise (``should_stop``, ``max_time``) saves it at the end of training. Every rank takes the
-    same decision (same step, same epoch) and saves together.
+    evaluating or resuming "the trained model" took an earlier one. Here, with step- or time-based saving, the batch
+    that ends the fit (``max_steps``, or the last batch of the last epoch) saves ``last.ckpt`` as a periodic save
+    would, so resuming a finished run finds the loops where a periodic checkpoint leaves them (it trains nothing
+    more; a larger ``max_steps`` goes on); a fit that ends otherwise (``should_stop``, ``max_time``) or saves by
+    epochs gets it at the end of training, unless its last save was at the final step. Every rank takes the same
+    decision (same step, same epoch) and saves together.
     """
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        if _ends_fit(trainer) and not self._defer_save_until_validation:  # a deferred save comes after validation
+        # not when a save of this step still comes (at the epoch's end, or deferred until validation): saving now
+        # would make Lightning skip it as already done
+        if self._every_n_epochs < 1 and not self._defer_save_until_validation and _ends_fit(trainer):
             self._save_final(trainer)
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:

@@ -96,10 +96,11 @@ def _consumed(run: Path) -> list[list[str]]:
 @pytest.mark.slow
 def test_last_checkpoint_holds_the_final_step_for_every_consumer(train, tmp_path):
     """The one pass is 7 steps, a checkpoint every 2: Lightning alone left last.ckpt at step 6. Ended by the epochs,
-    by max_steps (5) or by should_stop (3, as EarlyStopping ends a fit), last.ckpt holds the final step; resuming a
-    finished run trains nothing, and resuming with a larger max_steps goes on as one uninterrupted run."""
+    by max_steps (5) or by should_stop (3, as EarlyStopping ends a fit), or saving by epochs, last.ckpt holds the
+    final step; resuming a finished run trains nothing, and resuming with a larger max_steps goes on as one
+    uninterrupted run."""
     audit = ["--trainer.callbacks+=hpl_lightning.callbacks.ConsumedIds"]
-    full, part, stopped = tmp_path / "full", tmp_path / "part", tmp_path / "stopped"
+    full, part, stopped, epochs = (tmp_path / name for name in ("full", "part", "stopped", "epochs"))
     for run, limit in ((full, "-1"), (part, "5")):
         done = _fit(run, train, f"--trainer.max_steps={limit}", *audit, f"--trainer.callbacks.path={run / 'ids'}")
         assert done.returncode == 0, done.stderr[-3000:]
@@ -124,6 +125,14 @@ def test_last_checkpoint_holds_the_final_step_for_every_consumer(train, tmp_path
                 "--trainer.callbacks.step=3")
     assert done.returncode == 0, done.stderr[-3000:]
     assert _step(stopped / "ckpt" / "last.ckpt") == 3
+
+    # saving by epochs (phases of 2, 2 and 3 steps): the final epoch's own checkpoint is kept too
+    done = _fit(epochs, train, "--trainer.max_steps=-1", "--checkpoint.every_n_train_steps=null",
+                "--checkpoint.every_n_epochs=1")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in (epochs / "ckpt").iterdir()) == [
+        "last.ckpt", "step000002.ckpt", "step000004.ckpt", "step000007.ckpt"]
+    assert _step(epochs / "ckpt" / "last.ckpt") == 7
 
 
 @pytest.mark.slow
