@@ -186,6 +186,13 @@ def checkpoint_problem(path: str | os.PathLike) -> str | None:
     return _zip_problem(p)
 
 
+def checkpoint_step(path: str | os.PathLike) -> int:
+    """The optimizer step a checkpoint (a file, or a sharded directory's ``meta.pt``) was saved at."""
+    p = Path(path)
+    state = torch.load(p / SHARDED_META if p.is_dir() else p, map_location="cpu", weights_only=False, mmap=True)
+    return int(state["global_step"])
+
+
 def _say(message: str) -> None:
     if rank_zero_only.rank == 0:
         print(message, file=sys.stderr, flush=True)

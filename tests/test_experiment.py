@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -183,7 +184,8 @@ def _toy_config(tmp: Path) -> Path:
         "model": "hpl-tiny",
         "benchmark": {"name": "sciworld", "splits_file": str(tmp / "splits.json"), "task_types": types,
                       "eval_per_type": 1},
-        "training": {"options": {"trainer.accelerator": "cpu", "trainer.max_steps": 2, "data.batch_size": 2,
+        "training": {"options": {"trainer.accelerator": "cpu", "trainer.max_steps": 3, "data.batch_size": 2,
+                                 "checkpoint.every_n_train_steps": 2,
                                  "data.max_length": 2048, "trainer.enable_progress_bar": False}},
         "exploration": {"config": {"mc_samples": 2, "max_negatives": 1, "max_tries": 2, "max_actions": 2,
                                    "step_stride": 2}, "max_new_tokens": 4, "envs": 2, "threads": 1},
@@ -247,6 +249,17 @@ def test_toy_experiment_is_killed_resumed_sharded_and_its_table_recomputes(
         assert (root / name).is_file()
     assert (next(root.glob("sft/*")) / "model" / "config.json").is_file()
     assert all((d / "ckpt" / "last.ckpt").is_file() for d in root.glob("train/*"))
+    # the model trained to its last step is what the records name and what was evaluated (a step count that is not
+    # a multiple of every_n_train_steps used to leave an earlier one in last.ckpt)
+    steps = {}
+    for d in [*root.glob("train/*"), *root.glob("sft/*")]:
+        planned = int(re.search(r"\[hpl\] (\d+) optimizer steps", (d / "train.log").read_text()).group(1))
+        steps[d.name] = min(planned, 3)  # trainer.max_steps
+        assert json.loads((d / "done.json").read_text())["result"]["step"] == steps[d.name]
+    for d in root.glob("evaluate/*"):
+        record = json.loads((d / "done.json").read_text())
+        (run,) = [r for r in [*root.glob("train/*"), *root.glob("sft/*")] if r.name.endswith(record["deps"][0])]
+        assert record["result"]["policy_step"] == steps[run.name]
     assert all((d / "episodes.jsonl").is_file() for d in root.glob("evaluate/*"))
 
     # the table, recomputed from the per-episode records of results.json

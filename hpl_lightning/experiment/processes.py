@@ -22,9 +22,9 @@ from typing import Any, Iterator
 from hpl_lightning.experiment.settings import Serving, unflatten
 
 
-def train_process(stage_dir: Path, base_config: str | None, options: dict[str, Any], label: str) -> Path:
+def train_process(stage_dir: Path, base_config: str | None, options: dict[str, Any], label: str) -> tuple[Path, int]:
     """``python -m hpl_lightning.cli fit`` with the merged options, resumed from its last.ckpt if any; the
-    checkpoint of the final step (``ckpt/last.ckpt``)."""
+    checkpoint of the final step (``ckpt/last.ckpt``, which the fit writes at its last step) and that step."""
     stage_dir.mkdir(parents=True, exist_ok=True)
     (stage_dir / "train.yaml").write_text(json.dumps(unflatten(options), indent=1))  # JSON is YAML
     cmd = [sys.executable, "-m", "hpl_lightning.cli", "fit"]
@@ -39,9 +39,11 @@ def train_process(stage_dir: Path, base_config: str | None, options: dict[str, A
         tail = (stage_dir / "train.log").read_text(errors="replace")[-3000:]
         raise RuntimeError(f"training {label} failed (exit {done.returncode}); log {stage_dir / 'train.log'}:\n{tail}")
     ckpt = stage_dir / "ckpt" / "last.ckpt"
-    if not ckpt.is_file():
+    if not ckpt.exists():
         raise RuntimeError(f"training {label} ended without {ckpt}")
-    return ckpt
+    from hpl_lightning.checkpointing import checkpoint_step
+
+    return ckpt, checkpoint_step(ckpt)
 
 
 @contextlib.contextmanager

@@ -14,6 +14,7 @@ from typing import Any
 
 from hpl_lightning.experiment.plan import Plan, Stage
 from hpl_lightning.experiment.processes import served, train_process
+from hpl_lightning.experiment.records import DONE_FILE, read_record
 from hpl_lightning.experiment.settings import Experiment, flatten
 from hpl_lightning.experiment.shards import Shard, merge_stage, shard_dir
 from hpl_lightning.schema import read_jsonl
@@ -63,9 +64,9 @@ def sft(exp: Experiment, plan: Plan, st: Stage, shard: Shard | None) -> dict[str
     options = run_options(exp, st, exp.model, str(plan.experts.dir / "experts.jsonl"), st.params["seed"],
                           st.params["options"])
     options["model.init_seed"] = st.params["seed"]
-    ckpt = train_process(st.dir, exp.training.config, options, st.label)
+    ckpt, step = train_process(st.dir, exp.training.config, options, st.label)
     export(str(ckpt), str(st.dir / "model"))
-    return {"model": str(st.dir / "model")}
+    return {"model": str(st.dir / "model"), "step": step}
 
 
 def explore(exp: Experiment, plan: Plan, st: Stage, shard: Shard | None) -> dict[str, Any]:
@@ -119,7 +120,8 @@ def train(exp: Experiment, plan: Plan, st: Stage, shard: Shard | None) -> dict[s
     pairs_stage, sft_stage = st.deps
     options = run_options(exp, st, str(sft_stage.dir / "model"), str(pairs_stage.dir / "pairs.jsonl"),
                           st.params["seed"], st.params["options"])
-    return {"checkpoint": str(train_process(st.dir, exp.training.config, options, st.label))}
+    ckpt, step = train_process(st.dir, exp.training.config, options, st.label)
+    return {"checkpoint": str(ckpt), "step": step}
 
 
 def evaluate(exp: Experiment, plan: Plan, st: Stage, shard: Shard | None) -> dict[str, Any]:
@@ -130,8 +132,11 @@ def evaluate(exp: Experiment, plan: Plan, st: Stage, shard: Shard | None) -> dic
     (run,) = st.deps
     split, ev = st.params["split"], exp.evaluation
     kwargs = env_kwargs(exp, plan)
+    # the step of the evaluated model, as its training stage recorded it (the final step: last.ckpt)
+    policy_step = ((read_record(run.dir / DONE_FILE) or {}).get("result") or {}).get("step")
     if shard is None and (st.dir / "shards").is_dir():
-        return merge_stage(st, eval_task_ids(exp, split, plan, kwargs), EPISODES_FILE, "id")
+        return {**merge_stage(st, eval_task_ids(exp, split, plan, kwargs), EPISODES_FILE, "id"),
+                "policy_step": policy_step}
     ids = shard.select(eval_task_ids(exp, split, plan, kwargs)) if shard is not None else None
     out = shard_dir(st, shard) if shard is not None else st.dir
     seed = st.params["sampling_seed"] or 0
@@ -156,7 +161,8 @@ def evaluate(exp: Experiment, plan: Plan, st: Stage, shard: Shard | None) -> dic
     if not summary["complete"]:
         raise RuntimeError(f"evaluation {st.label}: {summary['failed']} episode(s) failed (environment crashed); "
                            "run again to retry them")
-    return {"tasks": ids, "avg_reward": summary["avg_reward"], "success_rate": summary["success_rate"]}
+    return {"tasks": ids, "avg_reward": summary["avg_reward"], "success_rate": summary["success_rate"],
+            "policy_step": policy_step}
 
 
 def eval_task_ids(exp: Experiment, split: str, plan: Plan, kwargs: dict[str, Any]) -> list[str]:
