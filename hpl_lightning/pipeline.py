@@ -340,8 +340,9 @@ def pairs(
     max_negatives: int = 3,
     with_experts: bool = True,
 ) -> dict[str, Any]:
-    """Builds trajectory, step and group pairs from experts and rollouts with the paper's filters; prints how many
-    candidates each filter dropped; every written record is validated with the data contract's parser.
+    """Builds trajectory, step and group pairs from experts and rollouts with the paper's filters; prints per level
+    the candidates, the sampled alternatives equal to the expert's, how many each filter dropped and the pairs kept in
+    each direction; every written record is validated with the data contract's parser.
 
     Args:
         experts: the segmented expert trajectories explored.
@@ -364,8 +365,7 @@ def pairs(
     write_jsonl(output, records)
     print(report.summary())
     print(f"{len(built)} pairs{' and %d expert trajectories' % len(trajectories) if with_experts else ''} -> {output}")
-    return {"pairs": dict(report.kept), "candidates": dict(report.candidates),
-            "dropped": {k: dict(v) for k, v in report.dropped.items()}}
+    return report.as_dict()
 
 
 # ------------------------------------------------------------------------------------------------ stats
