@@ -173,7 +173,7 @@ def test_a_trainer_built_in_python_refuses_a_short_schedule_and_reloads_each_pha
 
     from hpl_lightning.data import HPLDataModule
     from hpl_lightning.module import HPLModule
-    from hpl_lightning.schema import UsageError
+    from hpl_lightning.errors import UsageError
     from tests.synthetic import make_records, write_jsonl
 
     train = str(write_jsonl(tmp_path / "train.jsonl", make_records(n_tasks=1)))

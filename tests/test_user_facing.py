@@ -123,7 +123,7 @@ def test_resume_names_each_changed_setting_and_the_training_data(tmp_path) -> No
     from types import SimpleNamespace
 
     from hpl_lightning.data import HPLDataModule
-    from hpl_lightning.schema import UsageError
+    from hpl_lightning.errors import UsageError
 
     records = make_records(n_tasks=1)
     train = write_jsonl(tmp_path / "train.jsonl", records)
