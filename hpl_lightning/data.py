@@ -116,7 +116,8 @@ def data_warnings(files: Sequence[tuple[str, Sequence[tuple[Record, int]]]]) -> 
             if isinstance(record, PreferencePair):
                 if record.chosen == record.rejected:
                     same.append(where)
-                if record.chosen_reward < record.rejected_reward:
+                if None not in (record.chosen_reward, record.rejected_reward) and \
+                        record.chosen_reward < record.rejected_reward:
                     inverted.append(where)
             if record.id in first_file and first_file[record.id][0] != path:
                 duplicates.append((record.id, first_file[record.id][1], where))
