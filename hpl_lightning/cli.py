@@ -71,8 +71,10 @@ class HPLCLI(LightningCLI):
                     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                     "init_args": {"save_dir": "runs", "name": "hpl", "default_hp_metric": False},
                 },
-                # The data module shards batches itself and serves one curriculum phase per epoch; the default
-                # schedule (data.schedule.unit one_pass, the paper's one epoch) has one epoch per phase.
+                # The data module shards batches itself and serves one curriculum phase per epoch (it also sets
+                # the reload itself, for a Trainer built in Python); the default schedule (data.schedule.unit
+                # epochs, length 1: the paper's one epoch on each of the release's cumulative phases) has one
+                # epoch per phase.
                 "trainer.max_epochs": 3,
                 "trainer.use_distributed_sampler": False,
                 "trainer.reload_dataloaders_every_n_epochs": 1,

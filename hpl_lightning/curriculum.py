@@ -17,6 +17,8 @@ from typing import Collection, Literal, Sequence
 
 import torch
 
+from hpl_lightning.errors import UsageError
+
 Mode = Literal["dual", "static", "length", "difficulty"]
 # Group-length thresholds (upper bounds of levels 1 and 2) per benchmark, from the paper; sciworld's gold paths are
 # longer than ALFWorld's, so it gets ALFWorld's.
@@ -67,7 +69,7 @@ class Curriculum:
             return self, f"length thresholds unused ({why})"
         if not known:
             what = f"mixed benchmarks {names}" if len(names) > 1 else f"unknown benchmark {names[0]!r}"
-            raise ValueError(
+            raise UsageError(
                 f"data.curriculum.length_thresholds: the group pairs are from {what}; the paper's thresholds are "
                 f"known for {sorted(LENGTH_THRESHOLDS)} only: set data.curriculum.length_thresholds=[LOW, HIGH]"
             )

@@ -1,19 +1,22 @@
 """The LightningDataModule: validated, tokenized records served in curriculum order, resumable mid-epoch.
 
-Each Lightning epoch trains on one curriculum phase; by default the whole stage is one pass over the data (the
-paper), the phases dividing it (:class:`PhaseSchedule`). Validation at the end of an epoch is the paper's evaluation at
-the end of a phase. The train loader is stateful: its position is saved in every checkpoint and restored on
-``--ckpt_path last``, so a preempted run continues at the next unseen batch. Every batch carries the number of pairs
-of each level (and behaviour-cloning tokens) in its whole optimizer step, all micro-batches and ranks included, so
-the model averages each level over the step without a collective (:func:`step_counts`).
+Each Lightning epoch trains on one curriculum phase; by default (:class:`PhaseSchedule`) each phase is one pass over
+its pool, the items of every phase so far, as the authors' release builds its phase files. Validation at the end of an
+epoch is the paper's evaluation at the end of a phase. The train loader is stateful: its position is saved in every
+checkpoint and restored on ``--ckpt_path last``, so a preempted run continues at the next unseen batch; a resume
+that would change the batch order (seed, curriculum, schedule, batch size, accumulation, world size, training data)
+is refused. Every batch carries the number of pairs of each level (and behaviour-cloning tokens) in its whole
+optimizer step, all micro-batches and ranks included, so the model averages each level over the step without a
+collective (:func:`step_counts`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Iterable, Iterator, Literal, Sequence
 
 import lightning as L
 import torch
@@ -37,21 +40,22 @@ STEP_COUNTS: tuple[str, ...] = (*LEVELS, "bc", "bc_tokens", "chosen_tokens")
 class PhaseSchedule:
     """How the curriculum phases divide training; each phase is one Lightning epoch (``epochs``: ``length`` epochs).
 
-    ``one_pass`` (default, the paper's 1-epoch HPL stage): one pass over the data. The trajectory, step and
-    behaviour-cloning items are split evenly across the phases; each group pair is used once, in the phase it enters.
-    Every item is seen once; ``length`` must be 1 and ``trainer.max_epochs`` at most the number of phases.
-    ``epochs``: multi-epoch training; each phase is ``length`` epochs, each a full pass over the phase's pool (the
-    items of every phase so far, so earlier items are seen again). ``steps``: each phase is one epoch of exactly
-    ``length`` batches drawn from the phase's pool (reshuffled passes). With ``epochs``/``steps``, epochs after the
-    last phase repeat it.
+    ``epochs`` (default): each phase is ``length`` epochs, each a full pass over the phase's pool: every item of the
+    phases so far, so with the dual curriculum the B11 group pairs are seen in all three phases, B12 and B21 in the
+    last two, and trajectory, step and behaviour-cloning items in every phase. These are the release's cumulative
+    phases (``create_curriculum.py``: P1 = B11, P2 = B11 + B12 + B21, P3 = all), each trained for the paper's one
+    epoch (``length`` 1). ``one_pass``: the whole stage is a single pass over the data; the trajectory, step and
+    behaviour-cloning items are split evenly across the phases and each group pair is used once, in the phase it
+    enters (``length`` must be 1). ``steps``: each phase is one epoch of exactly ``length`` batches drawn from the
+    phase's pool (reshuffled passes). With ``epochs``/``steps``, epochs after the last phase repeat it.
     """
 
-    unit: Literal["one_pass", "epochs", "steps"] = "one_pass"
+    unit: Literal["one_pass", "epochs", "steps"] = "epochs"
     length: int = 1
 
     def __post_init__(self) -> None:
         if self.length < 1 or (self.unit == "one_pass" and self.length != 1):
-            raise ValueError(f"data.schedule.length={self.length}: must be >= 1, and 1 with unit one_pass")
+            raise UsageError(f"data.schedule.length={self.length}: must be >= 1, and 1 with unit one_pass")
 
     def phase(self, epoch: int, n_phases: int) -> int:
         if self.unit == "one_pass" and epoch >= n_phases:
@@ -68,6 +72,13 @@ class PhaseSchedule:
 
     def n_batches(self) -> int | None:
         return self.length if self.unit == "steps" else None
+
+    def describe(self, n_phases: int) -> str:
+        """E.g. ``epochs x1: 3 epoch(s), 1 per curriculum phase``."""
+        per = {"one_pass": "1 per curriculum phase, one pass over the data in all",
+               "epochs": f"{self.length} per curriculum phase, each a pass over its pool",
+               "steps": f"1 of {self.length} batches per curriculum phase"}[self.unit]
+        return f"{self.unit} x{self.length}: {self.n_epochs(n_phases)} epoch(s), {per}"
 
 
 def step_counts(per_rank: Sequence[list[list[Slot]]], examples: Sequence[Example], accumulate: int) -> list[torch.Tensor]:
@@ -105,7 +116,8 @@ def data_warnings(files: Sequence[tuple[str, Sequence[tuple[Record, int]]]]) -> 
             if isinstance(record, PreferencePair):
                 if record.chosen == record.rejected:
                     same.append(where)
-                if record.chosen_reward < record.rejected_reward:
+                if None not in (record.chosen_reward, record.rejected_reward) and \
+                        record.chosen_reward < record.rejected_reward:
                     inverted.append(where)
             if record.id in first_file and first_file[record.id][0] != path:
                 duplicates.append((record.id, first_file[record.id][1], where))
@@ -186,17 +198,19 @@ class ResumableLoader(DataLoader):
     """A DataLoader over a fixed list of batches that reports how many it has handed out.
 
     Lightning saves ``state_dict()`` in each checkpoint and calls ``load_state_dict`` before iterating on resume;
-    the skipped batches are never loaded nor collated. Batch ``b`` gets ``counts[b]`` as ``step_counts`` and
-    ``step_end`` (whether it closes its optimizer step, every ``accumulate`` batches and at the epoch's end).
+    the skipped batches are never loaded nor collated. A position in another epoch (a resume with changed settings
+    that Lightning counted into the next epoch) is an error, or with ``allow_changed_resume`` the epoch's start.
+    Batch ``b`` gets ``counts[b]`` as ``step_counts`` and ``step_end`` (whether it closes its optimizer step, every
+    ``accumulate`` batches and at the epoch's end).
     """
 
     def __init__(
         self, dataset: Dataset, batches: list[list[Slot]], epoch: int, phase: int, counts: list[torch.Tensor],
-        accumulate: int, **kwargs: Any,
+        accumulate: int, allow_changed_resume: bool = False, **kwargs: Any,
     ):
         super().__init__(dataset, batch_sampler=batches, **kwargs)
         self.epoch, self.phase, self._yielded, self._skip = epoch, phase, 0, 0
-        self.counts, self.accumulate = counts, accumulate
+        self.counts, self.accumulate, self.allow_changed_resume = counts, accumulate, allow_changed_resume
 
     def __iter__(self) -> Iterator[Any]:
         skip, self._skip = self._skip, 0
@@ -224,9 +238,10 @@ class ResumableLoader(DataLoader):
         return {"epoch": self.epoch, "batches": self._yielded}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        if state["epoch"] != self.epoch:
+        if state["epoch"] == self.epoch:
+            self._skip = state["batches"]
+        elif not self.allow_changed_resume:
             raise RuntimeError(f"checkpoint is at epoch {state['epoch']} but the loader was built for {self.epoch}")
-        self._skip = state["batches"]
 
 
 def close_restored_epoch(trainer: L.Trainer) -> None:
@@ -259,6 +274,9 @@ class HPLDataModule(L.LightningDataModule):
 
     ``packing`` (linked from ``model.packing`` by the CLI) collates shared-prefix tree rows; ``pack_row_tokens``
     caps a packed row (None: one row per batch), bounding the attention's quadratic cost on dense-mask backends.
+    ``allow_changed_resume``: resume although a setting that orders the batches (seed, curriculum, schedule, batch
+    size, accumulation, world size) or the training files' content changed since the checkpoint (a warning, not an
+    error): the loader's saved position then points into another plan, so data is skipped or repeated.
     """
 
     def __init__(
@@ -277,6 +295,7 @@ class HPLDataModule(L.LightningDataModule):
         schedule: PhaseSchedule = PhaseSchedule(),
         packing: bool = False,
         pack_row_tokens: int | None = None,
+        allow_changed_resume: bool = False,
     ):
         super().__init__()
         self.save_hyperparameters()
@@ -284,6 +303,7 @@ class HPLDataModule(L.LightningDataModule):
         self.curriculum, self.schedule = curriculum, schedule
         self.examples: dict[str, list[Example]] = {}
         self.first_phases: list[int] = []
+        self._train_hash: str | None = None
         self._thresholds_note = ""
         self._pad_id = 0
 
@@ -291,7 +311,7 @@ class HPLDataModule(L.LightningDataModule):
     def setup(self, stage: str) -> None:
         required = {"fit": "fit", "validate": "val", "test": "test"}.get(stage)
         if required and not self.paths[required]:
-            raise ValueError(f"data.{required.replace('fit', 'train')}_path is required for {stage}")
+            raise UsageError(f"data.{required.replace('fit', 'train')}_path is required for {stage}")
         wanted = {"fit": ["fit", "val"], "validate": ["val"], "test": ["test"]}.get(stage, ["fit", "val", "test"])
         wanted = [s for s in wanted if s not in self.examples and self.paths[s]]
         if not wanted:
@@ -309,6 +329,7 @@ class HPLDataModule(L.LightningDataModule):
             print(f"[hpl] warning: {warning}")
         if "fit" in loaded:
             self._resolve_curriculum([r for _, records in loaded["fit"] for r, _ in records])
+            self._train_hash = files_hash(self.paths["fit"])
         for split, files in loaded.items():
             report = TokenizationReport()
             examples = []
@@ -318,7 +339,7 @@ class HPLDataModule(L.LightningDataModule):
                     if example is not None:
                         examples.append(example)
             if not examples:
-                raise ValueError(f"no usable {split} example in {self.paths[split]} ({report.summary()})")
+                raise UsageError(f"no usable {split} example in {self.paths[split]} ({report.summary()})")
             self.examples[split] = examples
             log.info("%s data: %s", split, report.summary())
             print(f"[hpl] {split} data: {report.summary()}")
@@ -326,7 +347,7 @@ class HPLDataModule(L.LightningDataModule):
             self.first_phases = [
                 self.curriculum.first_phase(ex.level, ex.group_length, ex.difficulty) for ex in self.examples["fit"]
             ]
-            self._check_epochs()
+            self._check_schedule()
             print("\n".join(f"[hpl] {line}" for line in self.describe_plan()))
 
     def _resolve_curriculum(self, records: list) -> None:
@@ -334,19 +355,37 @@ class HPLDataModule(L.LightningDataModule):
         benchmarks = {benchmark_of(r.task_id, r.meta) for r in records if getattr(r, "level", None) == "group"}
         self.curriculum, self._thresholds_note = self.curriculum.for_benchmarks(benchmarks)
 
-    def _check_epochs(self) -> None:
+    def _check_schedule(self) -> None:
+        """Before training, with the trainer's limits: an epoch limit that ends the schedule before its last phase is
+        an error (``trainer.max_epochs=1`` is not the paper's "1 epoch"); a step limit that does is the user's
+        explicit choice and gets a warning naming the phases never reached. Each epoch serves its own phase, so the
+        train loader is rebuilt every epoch, also for a ``Trainer`` built in Python (its default builds it once)."""
         trainer = self.trainer
-        if trainer is None or self.schedule.unit != "one_pass":
+        if trainer is None:
             return
+        trainer.reload_dataloaders_every_n_epochs = 1
         n, max_epochs = self.curriculum.n_phases, trainer.max_epochs
-        if (max_epochs is None or max_epochs < 0) and trainer.max_steps > 0:
-            return  # limited by steps; should it outrun the pass, the next epoch stops it with the error of phase()
-        if max_epochs is None or not 0 < max_epochs <= n:
-            raise ValueError(
-                f"trainer.max_epochs={trainer.max_epochs}: the one-pass schedule (data.schedule.unit=one_pass, the "
-                f"paper's single epoch) has {n} epoch(s), one per curriculum phase; set trainer.max_epochs={n}, or "
-                "data.schedule.unit=epochs for multi-epoch training"
-            )
+        planned = self.schedule.n_epochs(n)
+        what = f"data.schedule {self.schedule.describe(n)}"
+        if max_epochs is not None and 0 < max_epochs < planned:
+            reached = self.phase(max_epochs - 1)
+            raise UsageError(f"trainer.max_epochs={max_epochs} stops after curriculum phase {reached} of {n}, phase(s) "
+                             f"{_names(range(reached + 1, n + 1))} never trained ({what}): set "
+                             f"trainer.max_epochs={planned}, or trainer.max_steps to stop early on purpose")
+        if self.schedule.unit == "one_pass" and max_epochs is not None and max_epochs > planned:
+            raise UsageError(f"trainer.max_epochs={max_epochs} is more than {what}: set trainer.max_epochs={n}, or "
+                             "data.schedule.unit=epochs for a pass over each phase's pool")
+        if trainer.max_steps > 0:
+            done = 0
+            for epoch in range(planned):
+                done += -(-self.batches_per_epoch(epoch) // self._accumulate())
+                if done >= trainer.max_steps:
+                    phase = self.phase(epoch)
+                    if phase < n:
+                        print(f"[hpl] warning: trainer.max_steps={trainer.max_steps} ends training in curriculum "
+                              f"phase {phase} of {n}, phase(s) {_names(range(phase + 1, n + 1))} never reached "
+                              f"({what}: {self._planned_steps()} optimizer steps)")
+                    break
 
     # -- curriculum plan -----------------------------------------------------------------------------------------
     def phase(self, epoch: int) -> int:
@@ -367,6 +406,11 @@ class HPLDataModule(L.LightningDataModule):
 
     def batches_per_epoch(self, epoch: int) -> int:
         return len(self._batches(epoch, 0, self._world_size()))
+
+    def _planned_steps(self) -> int:
+        accumulate = self._accumulate()
+        return sum(-(-self.batches_per_epoch(e) // accumulate) for e in range(self.schedule.n_epochs(
+            self.curriculum.n_phases)))
 
     def _n_epochs(self) -> int:
         planned = self.schedule.n_epochs(self.curriculum.n_phases)
@@ -389,8 +433,8 @@ class HPLDataModule(L.LightningDataModule):
         lines = [
             f"curriculum {self.curriculum.mode}, {self._thresholds_note}, difficulty thresholds "
             f"{list(self.curriculum.difficulty_thresholds)}; items {self.bucket_counts()}",
-            f"schedule {self.schedule.unit}" + (f" x{self.schedule.length}" if self.schedule.unit != "one_pass" else "")
-            + f"; batch {self.hparams.batch_size} x {world} rank(s) x accumulate {accumulate}",
+            f"schedule {self.schedule.describe(self.curriculum.n_phases)}; batch {self.hparams.batch_size} x "
+            f"{world} rank(s) x accumulate {accumulate}",
         ]
         seen: Counter = Counter()
         total_steps = 0
@@ -436,6 +480,7 @@ class HPLDataModule(L.LightningDataModule):
             phase=self.phase(epoch),
             counts=step_counts(per_rank, self.examples["fit"], self._accumulate()),
             accumulate=self._accumulate(),
+            allow_changed_resume=self.hparams.allow_changed_resume,
             collate_fn=self.make_collate(),
             num_workers=self.hparams.num_workers,
         )
@@ -465,23 +510,52 @@ class HPLDataModule(L.LightningDataModule):
     def _check_sampler_setting(self) -> None:
         trainer = self.trainer
         if trainer is not None and trainer.world_size > 1 and trainer._accelerator_connector.use_distributed_sampler:
-            raise ValueError(
+            raise UsageError(
                 "set trainer.use_distributed_sampler=false: HPLDataModule shards batches across ranks itself "
                 "(disjoint, equal-size shares per curriculum phase)"
             )
 
+    def _order_settings(self) -> dict[str, Any]:
+        """What decides the batch order a checkpoint's loader position points into."""
+        return {"seed": self.hparams.seed, "curriculum": self.curriculum.mode, "schedule": self.schedule.unit,
+                "batch_size": self.hparams.batch_size, "accumulate": self._accumulate(),
+                "world_size": self._world_size(), "train_data": self._train_hash}
+
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.hparams.seed, "curriculum": self.curriculum.mode, "schedule": self.schedule.unit}
+        return self._order_settings()
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        saved = (state.get("seed"), state.get("curriculum"), state.get("schedule", "epochs"))
-        if saved != (self.hparams.seed, self.curriculum.mode, self.schedule.unit):
-            raise ValueError(
-                f"resuming with data.seed={self.hparams.seed}, curriculum={self.curriculum.mode}, "
-                f"schedule={self.schedule.unit} but the checkpoint was trained with seed={saved[0]}, "
-                f"curriculum={saved[1]}, schedule={saved[2]}: the batch order would differ and the run would redo or "
-                "skip data"
-            )
+        """Refuses (one line) a resume whose batch order would differ from the checkpoint's run, unless
+        ``allow_changed_resume``; checkpoints older than a setting's check do not hold it and pass it."""
+        saved = {"schedule": "epochs", **state}  # checkpoints from before the schedule was saved trained by epochs
+        names = {"seed": "data.seed", "curriculum": "data.curriculum.mode", "schedule": "data.schedule.unit",
+                 "batch_size": "data.batch_size", "accumulate": "trainer.accumulate_grad_batches",
+                 "world_size": "world size", "train_data": "training data (content hash)"}
+        changed = [f"{names[k]} {saved[k]} -> {v}" for k, v in self._order_settings().items()
+                   if k in saved and saved[k] != v]
+        if not changed:
+            return
+        what = (f"resuming with {', '.join(changed)} since the checkpoint: the batch order differs, so its saved "
+                "position would skip or repeat data")
+        if not self.hparams.allow_changed_resume:
+            raise UsageError(f"{what}; resume with the checkpoint's settings and data, or set "
+                             "data.allow_changed_resume=true")
+        print(f"[hpl] warning: {what} (data.allow_changed_resume)")
+
+
+def files_hash(paths: Sequence[str]) -> str:
+    """Content hash of files, in order (names not included)."""
+    digest = hashlib.sha256()
+    for path in paths:
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                digest.update(chunk)
+        digest.update(b"\0")
+    return digest.hexdigest()[:16]
+
+
+def _names(phases: Iterable[int]) -> str:
+    return ", ".join(map(str, phases))
 
 
 def _as_list(path: str | list[str] | None) -> list[str]:

@@ -3,8 +3,11 @@
 Three levels, each a *plan* per expert trajectory (and per prefix or group) that asks for rollouts and reacts to
 their results (a Python generator: it yields a list of ``RolloutJob`` and receives their ``Rollout`` s):
 - trajectory: one greedy episode per task;
-- step (IPR): at prefix t the agent proposes â_t (temperature 1.0) and completes the episode; M-1 more completions
-  after â_t and M completions after the expert's a_t give both MC step values;
+- step (IPR): at prefix t the agent proposes one action (temperature 1.0), resampled up to ``max_tries`` times while
+  it equals the expert's a_t (whitespace-normalised command, as for groups); M completions after that alternative
+  â_t and M after the expert's a_t give both MC step values, each side getting the same ``max_actions`` actions
+  after its branch action. With a cap that stops short of the expert's end, the expert's own actions are replayed
+  up to the same cut (``expert_cut``), so the final-reward filter compares rewards reached after as many actions;
 - group: from each group's start, tries of the group's length (temperature 1.0, the real environment stepped
   between actions) until ``max_negatives`` distinct ones are found or ``max_tries`` are spent; M completions after
   the expert group and after each negative give r̂(G).
@@ -40,10 +43,11 @@ from hpl_lightning.pairs import (
     Message,
     Rollout,
     accepted_tries,
-    action_signature,
     expert_actions,
+    expert_signature,
     rollout_key,
     task_head,
+    through_observation,
 )
 from hpl_lightning.errors import DataError, UsageError
 from hpl_lightning.policies import Policy
@@ -55,16 +59,19 @@ LEVELS = ("trajectory", "step", "group")
 
 @dataclass(frozen=True)
 class ExploreConfig:
-    """What to explore and how much; defaults are the paper's (M = 5, up to 3 negatives in 10 tries)."""
+    """What to explore and how much; the paper's values where it gives them (M = 5, up to 3 negatives in 10 tries,
+    §2.2 and Appendix), else the authors' release (docs/authors-release.md says where the two differ)."""
 
     levels: tuple[str, ...] = LEVELS
-    mc_samples: int = 5  # M: completions per MC estimate
-    max_negatives: int = 3
-    max_tries: int = 10
+    mc_samples: int = 5  # M: completions per MC estimate; the paper's M = 5 (the release: 4 per step candidate)
+    max_negatives: int = 3  # the paper; the release's generate_negative_groups.py --neg_group_num 3
+    max_tries: int = 10  # per group (paper; release --max_tries 10), and per step alternative (ours: same budget)
     step_stride: int = 1  # step level at prefixes t = 0, stride, 2*stride, ... (bounds the cost on long trajectories)
     max_steps_per_task: int | None = None  # ...and at most this many of them
     max_groups_per_task: int | None = None
-    max_actions: int | None = None  # agent actions per rollout before it is cut (None: the environment's budget)
+    # agent actions per rollout after its replayed prefix (branch actions replayed, never counted), before it is cut
+    # (None: the environment's budget)
+    max_actions: int | None = None
     retries: int = 2  # an episode whose environment crashed is restarted this often, then recorded as failed
     max_failures_in_a_row: int = 3  # this many failed rollouts without a finished one between: the backend is down
 
@@ -83,7 +90,7 @@ class RolloutJob:
     replay: list[str]
     prompt: list[Message]
     sampled: bool  # temperature 1.0 (else greedy)
-    max_actions: int | None
+    max_actions: int | None  # policy actions after the replay (0: replay only, nothing generated)
     parent: int | None = None
 
 
@@ -139,12 +146,6 @@ def _job(expert: Trajectory, level: str, index: int, role: str, sample: int, tas
                       sample, task, replay, prompt, sampled, max_actions, parent)
 
 
-def _after(messages: list[Message], at: list[int], t: int) -> list[Message]:
-    """The conversation up to and including action t's observation."""
-    end = at[t] + 1
-    return messages[: end + 1] if end < len(messages) and messages[end]["role"] == "user" else messages[:end]
-
-
 def trajectory_plan(expert: Trajectory, task: Task, config: ExploreConfig) -> Plan:
     yield [_job(expert, "trajectory", 0, "agent", 0, task, [], task_head(expert), False, config.max_actions)]
 
@@ -152,14 +153,29 @@ def trajectory_plan(expert: Trajectory, task: Task, config: ExploreConfig) -> Pl
 def step_plan(expert: Trajectory, task: Task, t: int, config: ExploreConfig) -> Plan:
     at, actions, m = action_indices(expert.messages), expert_actions(expert), config.mc_samples
     prefix = expert.messages[: at[t]]
-    first = [_job(expert, "step", t, "proposal", 0, task, actions[:t], prefix, True, config.max_actions)]
-    expert_mc = [_job(expert, "step", t, "expert_mc", k, task, actions[: t + 1], _after(expert.messages, at, t),
-                      True, config.max_actions) for k in range(m)]
-    proposal = (yield first + expert_mc)[0]
-    if m > 1 and proposal.error is None and proposal.messages:
-        replay = actions[:t] + [proposal.actions[0] or ""]
-        yield [_job(expert, "step", t, "proposal_mc", k, task, replay, prefix + proposal.messages[:2], True,
-                    config.max_actions) for k in range(1, m)]
+    signature = expert_signature(expert, t, t)
+
+    def tries(first: int) -> list[RolloutJob]:  # one at a time: most first tries differ from the expert's action
+        return [_job(expert, "step", t, "try", first, task, actions[:t], prefix, True, 1)]
+
+    expert_mc = [_job(expert, "step", t, "expert_mc", k, task, actions[: t + 1],
+                      through_observation(expert.messages, at, t), True, config.max_actions) for k in range(m)]
+    # the expert's side after as many actions as the agent's rollouts get (a_t and max_actions more), when that
+    # stops short of its end: replayed, nothing generated
+    kept = len(at) - t if config.max_actions is None else min(1 + config.max_actions, len(at) - t)
+    cut = [_job(expert, "step", t, "expert_cut", kept, task, actions[: t + kept], prefix, False, 0)
+           ] if kept < len(at) - t else []
+    done: list[Rollout] = list((yield expert_mc + cut + tries(0))[m + len(cut):])
+    alternative = accepted_tries(signature, done, 1, 1)
+    # resampled while the tries equal the expert's action; a failed try ends it (a re-run runs that try again)
+    while not alternative and len(done) < config.max_tries and done[-1].error is None:
+        done += (yield tries(len(done)))
+        alternative = accepted_tries(signature, done, 1, 1)
+    if alternative:
+        first = alternative[0]
+        replay = actions[:t] + [first.actions[0] or ""]
+        yield [_job(expert, "step", t, "proposal_mc", k, task, replay, prefix + first.messages, True,
+                    config.max_actions, parent=first.sample) for k in range(m)]
 
 
 def group_plan(expert: Trajectory, task: Task, i: int, group: Sequence[int], config: ExploreConfig) -> Plan:
@@ -167,14 +183,14 @@ def group_plan(expert: Trajectory, task: Task, i: int, group: Sequence[int], con
     s, e = group
     length = e - s + 1
     prefix = expert.messages[: at[s]]
-    signature = action_signature(actions[s:e + 1], [expert.messages[j]["content"] for j in at[s:e + 1]])
+    signature = expert_signature(expert, s, e)
 
     def tries(first: int, n: int) -> list[RolloutJob]:
         return [_job(expert, "group", i, "try", k, task, actions[:s], prefix, True, length)
                 for k in range(first, first + n)]
 
-    expert_mc = [_job(expert, "group", i, "expert_mc", k, task, actions[: e + 1], _after(expert.messages, at, e),
-                      True, config.max_actions) for k in range(m)]
+    expert_mc = [_job(expert, "group", i, "expert_mc", k, task, actions[: e + 1],
+                      through_observation(expert.messages, at, e), True, config.max_actions) for k in range(m)]
     n = min(config.max_negatives, config.max_tries)
     done: list[Rollout] = list((yield expert_mc + tries(0, n))[m:])
     negatives = accepted_tries(signature, done, length, config.max_negatives)
@@ -204,7 +220,7 @@ def plans(experts: Sequence[Trajectory], resolve: Callable[[Trajectory], Task], 
         if "group" in config.levels:
             groups = expert.meta.get("groups")
             if groups is None:
-                raise ValueError(f"{expert.id}: no meta['groups']; run `pipeline segment` first")
+                raise UsageError(f"{expert.id}: no meta['groups']; run `pipeline segment` first")
             for i, g in list(enumerate(groups))[: config.max_groups_per_task]:
                 yield group_plan(expert, task, i, g, config)
 
@@ -431,8 +447,8 @@ class Explorer:
             run = _Running(job, list(job.prompt), attempts=attempts + 1)
             if isinstance(result, EnvironmentCrashed):
                 crashed(run, result)
-            elif result is not None and result.done:  # the prefix itself ended the episode: its reward is final
-                finish(run, result.reward, True)
+            elif result is not None and (result.done or job.max_actions == 0):
+                finish(run, result.reward, result.done)  # the prefix ended the episode, or only replays it
             else:
                 run.last = result
                 active[slot] = run

@@ -17,7 +17,7 @@ import copy
 import json
 from dataclasses import asdict, replace
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Literal, Sequence
 
 import torch
 
@@ -59,23 +59,31 @@ def load_trajectories(path: str) -> list[Trajectory]:
 
 
 # ------------------------------------------------------------------------------------------------ import
-def import_(output: str, input: str | None = None, source: str = "intercode", success_only: bool = True,
+def import_(output: str, input: str | list[str] | None = None, source: str = "intercode", success_only: bool = True,
             task: str = "agent", limit: int | None = None, split: str = "train", splits: str | None = None,
-            workers: int = 1) -> int:
-    """Converts existing data to trajectory records (see ``hpl_lightning.importers``), or plays ScienceWorld's gold
-    paths into expert trajectories (``source: sciworld_gold``, resumable; see ``sciworld.gold_experts``).
+            workers: int = 1, benchmark: str | None = None, level: Literal["trajectory", "step", "group"] | None = None,
+            group_chosen: Literal["group", "whole"] = "group") -> int:
+    """Converts existing data to trajectory records (see ``hpl_lightning.importers``), the authors' released pairs
+    to preference records (``source: hpl_release``), or plays ScienceWorld's gold paths into expert trajectories
+    (``source: sciworld_gold``, resumable; see ``sciworld.gold_experts``).
 
     Args:
-        output: trajectory JSONL to write.
-        input: the file to convert (not for sciworld_gold).
-        source: intercode (InterCode's recorded results), sharegpt (ETO/IPR), conversations (role/content) or
-            sciworld_gold.
+        output: JSONL to write.
+        input: the file to convert (not for sciworld_gold); hpl_release: one or more pair files of the release (its
+            trajectory, step and group pairs, its curriculum phase_K_data.json files).
+        source: intercode (InterCode's recorded results), sharegpt (ETO/IPR), conversations (role/content),
+            hpl_release (the pairs of github.com/PatrickG1014/HPL) or sciworld_gold.
         success_only: intercode: keep only episodes with reward 1 (expert data).
         task: sharegpt/conversations: task name of the records.
-        limit: keep only the first N trajectories (a small subset for a quick run).
+        limit: keep only the first N records (a small subset for a quick run).
         split: sciworld_gold: train, dev or test.
         splits: sciworld_gold: a splits.json other than the shared one (e.g. a hand-picked subset).
         workers: sciworld_gold: simulators in parallel.
+        benchmark: hpl_release (required): the benchmark the pairs are from (alfworld, webshop, intercode_sql...),
+            the first part of every task id.
+        level: hpl_release: the level of every pair (default: each pair's own, from the file's kind).
+        group_chosen: hpl_release: a group pair's chosen side cut after its group_length-th action (group, the
+            paper's G_w) or kept as the release wrote it (whole).
     """
     from hpl_lightning import importers
 
@@ -86,12 +94,19 @@ def import_(output: str, input: str | None = None, source: str = "intercode", su
         return result["written"] + result["skipped"]
     if input is None:
         raise UsageError(f"source {source!r} needs --input")
+    if source == "hpl_release":
+        if not benchmark:
+            raise UsageError("source hpl_release needs --benchmark (the release's files do not name it)")
+        return importers.hpl_release(input, output, benchmark, level, group_chosen, limit)
+    if not isinstance(input, str):
+        raise UsageError(f"source {source!r} takes one --input file")
     if source == "intercode":
         importers.intercode(input, output, success_only=success_only)
     elif source in ("sharegpt", "conversations"):
         getattr(importers, source)(input, output, task=task)
     else:
-        raise UsageError(f"unknown source {source!r}; expected intercode, sharegpt or conversations")
+        raise UsageError(f"unknown source {source!r}; expected intercode, sharegpt, conversations, hpl_release or "
+                         "sciworld_gold")
     records = [to_json(t) for t in load_trajectories(output)]
     if limit is not None:
         write_jsonl(output, records[:limit])
@@ -286,7 +301,8 @@ def explore(
         limit: only the first N expert trajectories.
         task_ids: only these expert trajectory ids.
         max_new_tokens: per agent turn (the paper allows 512).
-        temperature: of the sampled rollouts (paper: 1.0); trajectory-level rollouts are greedy.
+        temperature: of the sampled rollouts (1.0: the paper, and the release's run_mc_sample.sh, run_negative.sh,
+            run_negative_mc.sh); trajectory-level rollouts are greedy (the release's generate_trajectory.py).
         batch_size: largest generate() batch of a local model.
         threads: torch CPU threads while generating.
         seed: sampling seed (and the initialisation of config-only models such as hpl-tiny).
@@ -340,8 +356,9 @@ def pairs(
     max_negatives: int = 3,
     with_experts: bool = True,
 ) -> dict[str, Any]:
-    """Builds trajectory, step and group pairs from experts and rollouts with the paper's filters; prints how many
-    candidates each filter dropped; every written record is validated with the data contract's parser.
+    """Builds trajectory, step and group pairs from experts and rollouts with the paper's filters; prints per level
+    the candidates, the sampled alternatives equal to the expert's, how many each filter dropped and the pairs kept in
+    each direction; every written record is validated with the data contract's parser.
 
     Args:
         experts: the segmented expert trajectories explored.
@@ -364,8 +381,7 @@ def pairs(
     write_jsonl(output, records)
     print(report.summary())
     print(f"{len(built)} pairs{' and %d expert trajectories' % len(trajectories) if with_experts else ''} -> {output}")
-    return {"pairs": dict(report.kept), "candidates": dict(report.candidates),
-            "dropped": {k: dict(v) for k, v in report.dropped.items()}}
+    return report.as_dict()
 
 
 # ------------------------------------------------------------------------------------------------ stats

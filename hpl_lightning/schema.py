@@ -46,8 +46,8 @@ class PreferencePair:
     prompt: list[dict[str, str]]
     chosen: list[dict[str, str]]
     rejected: list[dict[str, str]]
-    chosen_reward: float
-    rejected_reward: float
+    chosen_reward: float | None  # None: unknown (imported data that records none); never made up
+    rejected_reward: float | None
     group_length: int | None = None
     difficulty: float | None = None
     meta: dict[str, Any] = field(default_factory=dict)
@@ -115,10 +115,13 @@ class _Checker:
             raise self.fail(name, f"expected a non-empty string, got {value!r:.60}")
         return value
 
-    def number(self, name: str, optional: bool = False) -> float | None:
+    def number(self, name: str, optional: bool = False, nullable: bool = False) -> float | None:
+        """A finite number; ``optional``: absent or null is None; ``nullable``: must be there, null is None."""
         if optional and self.obj.get(name) is None:
             return None
         value = self.require(name)
+        if nullable and value is None:
+            return None
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise self.fail(name, f"expected a finite number, got {value!r:.60}")
         return float(value)
@@ -180,12 +183,12 @@ def parse_pair(obj: Any, path: str | os.PathLike | None = None, line: int | None
         if isinstance(gl, bool) or not isinstance(gl, int) or gl < 1:
             raise c.fail("group_length", f"expected a positive integer, got {gl!r}")
         n_actions = sum(m["role"] == "assistant" for m in chosen)
-        if gl != n_actions:
+        whole = c.meta().get("chosen_whole") is True  # imported with the expert's whole suffix as chosen
+        if gl != n_actions and not (whole and gl < n_actions):
             raise c.fail("group_length", f"is {gl} but 'chosen' has {n_actions} assistant turns")
         group_length, difficulty = gl, c.number("difficulty")
-    chosen_reward, rejected_reward = c.number("chosen_reward"), c.number("rejected_reward")
-    if level == "group" and difficulty is None:
-        difficulty = chosen_reward - rejected_reward
+    chosen_reward = c.number("chosen_reward", nullable=True)
+    rejected_reward = c.number("rejected_reward", nullable=True)
     return PreferencePair(
         id=c.string("id"),
         task_id=c.string("task_id"),

@@ -132,7 +132,72 @@ def test_plan_says_how_often_each_item_is_seen(tmp_path):
     assert plans["one_pass"][-1].endswith(
         "times each item is seen: B11 1, B12 1, B13 1, B21 1, B22 1, B23 1, B31 1, B32 1, B33 1, bc 1, step 1, trajectory 1"
     )
-    # multi-epoch (one full pass over each phase's pool): B11 and the steady items 3 times
-    assert "B11 3, B12 2" in plans["epochs"][-1] and "trajectory 3" in plans["epochs"][-1]
+    # cumulative (one full pass over each phase's pool): B11 and the steady items 3 times
+    assert plans["epochs"][-1].endswith(
+        "times each item is seen: B11 3, B12 2, B13 1, B21 2, B22 1, B23 1, B31 1, B32 1, B33 1, bc 3, step 3, trajectory 3"
+    )
     with pytest.raises(ValueError, match="trainer.max_epochs"):
-        PhaseSchedule().phase(3, 3)
+        PhaseSchedule(unit="one_pass").phase(3, 3)
+
+
+def test_default_schedule_trains_the_releases_cumulative_phases(tmp_path):
+    """create_curriculum.py: P1 = B11, P2 = B11 + B12 + B21, P3 = all; trajectory, step and BC items in every phase."""
+    from hpl_lightning.data import HPLDataModule
+    from tests.synthetic import make_records, write_jsonl
+
+    dm = HPLDataModule(train_path=str(write_jsonl(tmp_path / "train.jsonl", make_records(n_tasks=3))), max_length=512)
+    dm.setup("fit")
+    kinds = [dm._kind(ex) for ex in dm.examples["fit"]]
+    for epoch, buckets in enumerate(EXPECTED["dual"]):
+        assert dm.phase(epoch) == epoch + 1
+        assert sorted(dm._members(epoch)) == phase_members(dm.first_phases, epoch + 1)
+        assert {kinds[i] for i in dm._members(epoch)} == buckets | {"trajectory", "step", "bc"}
+
+
+class _Phases:
+    """Records the curriculum phase of every training batch, per epoch."""
+
+    def __init__(self) -> None:
+        self.seen: dict[int, set[int]] = {}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self.seen.setdefault(trainer.current_epoch, set()).add(batch["phase"])
+
+
+def test_a_trainer_built_in_python_refuses_a_short_schedule_and_reloads_each_phase(tmp_path, capsys):
+    """trainer.max_epochs=1 (the paper's "1 epoch" misread) would train phase 1 only: an error before training.
+    A step limit is the user's choice: a warning names the phases it never reaches. Each epoch serves its phase's
+    own loader, although this Trainer was not told to reload it."""
+    import lightning as L
+    from lightning.pytorch.callbacks import Callback
+
+    from hpl_lightning.data import HPLDataModule
+    from hpl_lightning.module import HPLModule
+    from hpl_lightning.errors import UsageError
+    from tests.synthetic import make_records, write_jsonl
+
+    train = str(write_jsonl(tmp_path / "train.jsonl", make_records(n_tasks=1)))
+    common = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                  enable_model_summary=False, default_root_dir=tmp_path)
+    with pytest.raises(UsageError, match=r"^trainer.max_epochs=1 stops after curriculum phase 1 of 3, phase\(s\) 2, 3 "
+                                         r"never trained .*: set trainer.max_epochs=3"):
+        L.Trainer(max_epochs=1, **common).fit(HPLModule(), HPLDataModule(train_path=train, max_length=512))
+    phases = type("Recorder", (_Phases, Callback), {})()
+    trainer = L.Trainer(max_epochs=3, max_steps=2, callbacks=[phases], **common)  # one batch per phase
+    trainer.fit(HPLModule(), HPLDataModule(train_path=train, batch_size=8, max_length=512))
+    assert phases.seen == {0: {1}, 1: {2}}
+    assert ("[hpl] warning: trainer.max_steps=2 ends training in curriculum phase 2 of 3, phase(s) 3 never reached"
+            in capsys.readouterr().out)
+
+
+def test_a_short_schedule_is_one_line_in_the_cli(tmp_path, capsys):
+    from hpl_lightning.cli import main
+    from tests.synthetic import make_records, write_jsonl
+
+    train = write_jsonl(tmp_path / "train.jsonl", make_records(n_tasks=1))
+    with pytest.raises(SystemExit) as info:
+        main(["fit", "--trainer.accelerator=cpu", "--data.max_length=512", f"--data.train_path={train}",
+              "--trainer.max_epochs=2", f"--trainer.logger.init_args.save_dir={tmp_path / 'runs'}"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(lines) == 1
+    assert lines[0].startswith("error: trainer.max_epochs=2 stops after curriculum phase 2 of 3, phase(s) 3 never")

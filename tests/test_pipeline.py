@@ -78,23 +78,52 @@ def test_pairs_command_writes_the_expert_trajectories_by_default(tmp_path: Path)
 
 def test_step_pairs_filter_on_final_reward_and_mc_value() -> None:
     expert = _expert()
-    rollouts = [
-        # t=1: agent worse in both: kept
-        _roll("step", 1, "proposal", 0, 0.0), _roll("step", 1, "proposal_mc", 1, 0.0),
-        _roll("step", 1, "expert_mc", 0, 1.0), _roll("step", 1, "expert_mc", 1, 0.5),
-        # t=2: final rewards equal: dropped by the reward margin
-        _roll("step", 2, "proposal", 0, 1.0), _roll("step", 2, "expert_mc", 0, 1.0),
-        # t=3: MC values too close (0.75 vs 0.5): dropped by the value margin
-        _roll("step", 3, "proposal", 0, 0.0), _roll("step", 3, "proposal_mc", 1, 1.0),
-        _roll("step", 3, "expert_mc", 0, 1.0), _roll("step", 3, "expert_mc", 1, 0.5),
-    ]
-    pairs, report = build_pairs([expert], rollouts, levels=["step"])
+
+    def candidate(t: int, agent: list[float], experts: list[float], action: str = "b") -> list[Rollout]:
+        return ([_roll("step", t, "try", 0, 0.0, [action])]
+                + [_roll("step", t, "proposal_mc", k, r, parent=0) for k, r in enumerate(agent)]
+                + [_roll("step", t, "expert_mc", k, r) for k, r in enumerate(experts)])
+
+    rollouts = (
+        candidate(1, [0.0, 0.0], [1.0, 0.5])  # agent worse in both: kept, expert chosen
+        + candidate(2, [1.0], [1.0])  # final rewards equal: dropped by the reward margin
+        + candidate(3, [0.0, 1.0], [1.0, 0.5])  # MC values too close (0.75 vs 0.5): dropped by the value margin
+    )
+    pairs, report = build_pairs([expert], rollouts, PairFilters(step_both_directions=False), levels=["step"])
     (pair,) = pairs
     assert pair.prompt == expert.messages[:5] and pair.chosen == expert.messages[5:]
-    assert pair.rejected == rollouts[0].messages and (pair.chosen_reward, pair.rejected_reward) == (0.75, 0.0)
+    assert pair.rejected == rollouts[0].messages + rollouts[1].messages  # the alternative, then completion 0
+    assert (pair.chosen_reward, pair.rejected_reward) == (0.75, 0.0) and pair.meta["chosen"] == "expert"
     assert dict(report.dropped["step"]) == {"reward_margin": 1, "value_margin": 1}
     loose, _ = build_pairs([expert], rollouts, PairFilters(step_value_margin=0.2), levels=["step"])
     assert len(loose) == 2
+
+
+def test_step_pairs_choose_the_agent_when_it_wins_both_margins() -> None:
+    """The release keeps step pairs in both directions: the agent's continuation is chosen when its final reward
+    and MC value beat the expert's by the margins (here the expert trajectory failed, reward 0)."""
+    expert = _expert(reward=0.0)
+    rollouts = [_roll("step", 1, "try", 0, 0.0, ["b"]), _roll("step", 1, "proposal_mc", 0, 1.0, parent=0),
+                _roll("step", 1, "proposal_mc", 1, 1.0, parent=0), _roll("step", 1, "expert_mc", 0, 0.0)]
+    (pair,), report = build_pairs([expert], rollouts, levels=["step"])
+    assert pair.meta["chosen"] == "agent" and pair.chosen[0]["content"] == "Action: b"
+    assert pair.rejected == expert.messages[5:] and (pair.chosen_reward, pair.rejected_reward) == (1.0, 0.0)
+    assert report.agent_chosen["step"] == report.kept["step"] == 1 and "0 expert-chosen, 1 agent-chosen" in \
+        report.summary()
+    one_way, report = build_pairs([expert], rollouts, PairFilters(step_both_directions=False), levels=["step"])
+    assert one_way == [] and dict(report.dropped["step"]) == {"reward_margin": 1}
+
+
+def test_step_alternative_equal_to_the_experts_is_never_a_pair() -> None:
+    """A try whose command equals the expert's (whitespace aside, whatever its thought) is skipped; all tries equal
+    drop the candidate."""
+    expert = _expert()
+    same = Rollout(rollout_key("x/1", "step", 1, "try", 0), "x/1", "step", 1, "try", 0,
+                   [{"role": "assistant", "content": "Thought: other\nAction:  a1 "}], [" a1 "], 0.0, False)
+    rollouts = [same, _roll("step", 1, "expert_mc", 0, 1.0), _roll("step", 1, "proposal_mc", 0, 0.0, parent=0)]
+    pairs, report = build_pairs([expert], rollouts, levels=["step"])
+    assert pairs == [] and dict(report.dropped["step"]) == {"no_distinct_alternative": 1}
+    assert report.equal_to_expert["step"] == 1
 
 
 def test_negatives_are_distinct_full_length_and_at_most_three() -> None:
@@ -157,7 +186,7 @@ def test_a_rollout_that_raises_is_recorded_as_failed_and_exploration_goes_on(tmp
     """The trajectory rollout and the step-0 proposal raise MemoryError on every attempt: both are written with the
     reason and reward null, the other rollouts finish, pairs skip the failed ones, and a re-run tries them again."""
     expert, path = _expert(), tmp_path / "rollouts.jsonl"
-    config = ExploreConfig(levels=("trajectory", "step"), mc_samples=1, retries=1)
+    config = ExploreConfig(levels=("trajectory", "step"), mc_samples=1, max_tries=2, retries=1)
 
     def explore() -> dict[str, Rollout]:
         with EnvPool(RaisingEnv, 1) as pool:
@@ -167,17 +196,89 @@ def test_a_rollout_that_raises_is_recorded_as_failed_and_exploration_goes_on(tmp
 
     rollouts = explore()
     failed = {k: r for k, r in rollouts.items() if r.error is not None}
-    assert set(failed) == {"x/1|trajectory|0|agent|0", "x/1|step|0|proposal|0"}
+    assert set(failed) == {"x/1|trajectory|0|agent|0", "x/1|step|0|try|0"}  # a failed try is not resampled
     for r in failed.values():
         assert r.reward is None and r.error.startswith("environment crashed 2 time(s), last: MemoryError at ")
         assert r.error.endswith(": the agent's action took all memory")
     finished = [r for r in rollouts.values() if r.error is None]
-    assert len(finished) == 7 and all(r.reward == 1.0 for r in finished)  # expert_mc x4, proposals at t=1..3
+    # expert_mc x4; t=1, 2: a try and its completion; t=3: both tries equal the expert's a3
+    assert len(finished) == 10 and all(r.reward == 1.0 for r in finished)
     pairs, report = build_pairs([expert], list(rollouts.values()))
     assert report.candidates["trajectory"] == 0 and report.candidates["step"] == 4
     lines = len(path.read_text().splitlines())
     explore()
     assert len(path.read_text().splitlines()) == lines + 2  # only the failed ones ran again
+
+
+class ProgressEnv(Environment):
+    """The hand-made expert's world: the reward is the share of a0..a3 done in order; a3 after the others ends it."""
+
+    benchmark, max_turns, instruction = "x", 10, "instruction"
+
+    def tasks(self, split: str) -> list[Task]:
+        return [Task("x/1", "task")]
+
+    def reset(self, task: Task) -> str:
+        self.done = 0
+        return ""
+
+    def step(self, action: str) -> StepResult:
+        self.done += action == f"a{self.done}"
+        return StepResult("o", self.done / 4, self.done == 4)
+
+
+class CopyFirstPolicy(Policy):
+    """A step's tries 0 and 1 copy the expert's action (another thought, extra spaces), every other turn is ``zz``."""
+
+    def generate(self, conversations: list[Conversation], keys: Sequence[str] | None = None) -> list[str]:
+        out = []
+        for key in keys:
+            _, level, t, role, sample = key.split("/turn")[0].split("|")[:5]
+            copy = level == "step" and role == "try" and int(sample) < 2
+            out.append(f"Thought: mine\nAction:  a{t} " if copy else "Thought: x\nAction: zz")
+        return out
+
+    def describe(self) -> dict[str, Any]:
+        return {"type": "copy-first"}
+
+
+def _explore_steps(path: Path, config: ExploreConfig) -> dict[str, Rollout]:
+    expert = _expert()
+    with EnvPool(ProgressEnv, 2) as pool:
+        explorer = Explorer(pool, {False: CopyFirstPolicy(), True: CopyFirstPolicy()}, path, config, False)
+        explorer.run(plans([expert], lambda t: Task("x/1", "task"), config), count_plans([expert], config))
+    return read_rollouts(path)
+
+
+def test_step_alternative_equal_to_the_experts_is_resampled(tmp_path: Path) -> None:
+    config = ExploreConfig(levels=("step",), mc_samples=2, max_tries=5, max_actions=3)  # zz never ends it
+    rollouts = _explore_steps(tmp_path / "rollouts.jsonl", config)
+    for t in range(4):
+        tries = sorted((r for r in rollouts.values() if r.index == t and r.role == "try"), key=lambda r: r.sample)
+        assert [r.actions for r in tries] == [[f"a{t}"], [f"a{t}"], ["zz"]]  # resampled until it differs
+        completions = [r for r in rollouts.values() if r.index == t and r.role == "proposal_mc"]
+        assert len(completions) == 2 and {r.parent for r in completions} == {2}
+    pairs, report = build_pairs([_expert()], list(rollouts.values()), PairFilters(step_value_margin=0.1),
+                                levels=["step"])
+    assert report.equal_to_expert["step"] == 8 and "8 alternatives (resampled) equal to the expert's" in \
+        report.summary()
+    assert pairs and all(p.rejected[0]["content"] == "Thought: x\nAction: zz" for p in pairs)
+
+
+def test_step_sides_get_the_same_actions_after_the_branch_point(tmp_path: Path) -> None:
+    """With max_actions = 2 every Monte-Carlo rollout of either side has its branch action (replayed) and 2 more;
+    the expert's final reward is the one reached after as many actions (expert_cut), and its side is cut there."""
+    config = ExploreConfig(levels=("step",), mc_samples=2, max_tries=5, max_actions=2)
+    rollouts = list(_explore_steps(tmp_path / "rollouts.jsonl", config).values())
+    mc = [r for r in rollouts if r.role == "proposal_mc" or (r.role == "expert_mc" and r.index < 3)]
+    assert mc and all(len(r.actions) == 2 for r in mc)  # (expert_mc at t=3 replays a3, which ends the episode)
+    cuts = {r.index: r for r in rollouts if r.role == "expert_cut"}
+    assert set(cuts) == {0} and cuts[0].sample == 3 and cuts[0].reward == 0.75  # a0..a2: 3 of 4 done
+    pairs, _ = build_pairs([_expert()], rollouts, PairFilters(step_value_margin=0.1), levels=["step"])
+    by_t = {p.meta["t"]: p for p in pairs}
+    assert by_t[0].meta["chosen_final_reward"] == 0.75 and by_t[0].chosen == _expert().messages[3:9]
+    assert by_t[1].meta["chosen_final_reward"] == 1.0 and by_t[1].chosen == _expert().messages[5:]  # to the end
+    assert all(sum(m["role"] == "assistant" for m in p.rejected) == 3 for p in pairs)
 
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -242,7 +343,7 @@ def test_intercode_sql_end_to_end(sql_experts: Path, sql_rollouts: tuple[Path, d
     ks = keys(rollouts)
     assert len(ks) == len(set(ks)) == summary["rollouts"] and summary["rollouts_per_second"] > 0
     assert {"generate", "step", "restore"} <= set(summary["seconds"])
-    assert {"agent", "proposal", "proposal_mc", "expert_mc", "try", "negative_mc"} == set(summary["per_role"])
+    assert {"agent", "try", "proposal_mc", "expert_mc", "negative_mc"} == set(summary["per_role"])
     result = pipeline("pairs", "--experts", str(sql_experts), "--rollouts", str(rollouts),
                       "--output", str(tmp_path / "pairs.jsonl"), "--with_experts", "true")
     counts = pair_levels(tmp_path / "pairs.jsonl")

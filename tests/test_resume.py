@@ -1,4 +1,4 @@
-"""Preemption: a fit killed mid-epoch (mid curriculum phase 2 of the default one-pass schedule) and resumed with
+"""Preemption: a fit killed mid-epoch (mid curriculum phase 2 of the one-pass schedule) and resumed with
 --ckpt_path last ends with the same weights as an uninterrupted run, and consumes exactly the remainder of its pair
 ids; so does a resume from a checkpoint at an epoch's last batch."""
 
@@ -24,6 +24,7 @@ def _fit(run: Path, train: Path, *extra: str, ckpt_every: int = 3) -> subprocess
         sys.executable, "train.py", "fit",
         f"--data.train_path={train}", "--data.batch_size=4", "--data.max_length=512", "--data.seed=7",
         "--trainer.max_epochs=3",  # the configuration in which Lightning 2.6 itself loses the loader position
+        "--data.schedule.unit=one_pass",  # the step numbers below are this plan's
         "--trainer.accelerator=cpu", "--trainer.devices=1", "--trainer.enable_progress_bar=false",
         f"--trainer.default_root_dir={run}", f"--trainer.logger.init_args.save_dir={run}",
         "--trainer.logger.init_args.version=0", f"--checkpoint.dirpath={run / 'ckpt'}",

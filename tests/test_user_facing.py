@@ -4,6 +4,7 @@ evaluation results that cannot be mistaken (no made-up rewards, a valid-action s
 from __future__ import annotations
 
 import json
+import re
 import socket
 import subprocess
 import sys
@@ -100,6 +101,50 @@ def test_checkpoints_are_bounded_plus_last_and_best(tmp_path) -> None:
     periodic = [n for n in names if n.startswith("step")]
     assert periodic == [f"step{last_step - 1:06d}.ckpt", f"step{last_step:06d}.ckpt"]
     assert len([n for n in names if n.startswith("best-")]) == 1, names
+
+
+def test_resume_with_another_batch_size_is_refused_in_one_line(capsys, tmp_path) -> None:
+    """The loader's saved position counts batches of the checkpoint's plan: another batch size would skip or repeat
+    data, so the resume stops before training, unless data.allow_changed_resume says to go on."""
+    train = write_jsonl(tmp_path / "train.jsonl", make_records(n_tasks=1))
+    run = [f"--data.train_path={train}", "--trainer.max_steps=1", f"--checkpoint.dirpath={tmp_path / 'ckpt'}"]
+    train_main(_fit(tmp_path, *run, "--data.batch_size=2"))
+    resume = _fit(tmp_path, *run, "--trainer.max_steps=2", "--ckpt_path=last", "--data.batch_size=4")
+    code, lines = _exit(capsys, train_main, resume)
+    assert code == 2 and lines == [
+        "error: resuming with data.batch_size 2 -> 4 since the checkpoint: the batch order differs, so its saved "
+        "position would skip or repeat data; resume with the checkpoint's settings and data, or set "
+        "data.allow_changed_resume=true"]
+    train_main([*resume, "--data.allow_changed_resume=true"])
+    assert "[hpl] warning: resuming with data.batch_size 2 -> 4" in capsys.readouterr().out
+
+
+def test_resume_names_each_changed_setting_and_the_training_data(tmp_path) -> None:
+    from types import SimpleNamespace
+
+    from hpl_lightning.data import HPLDataModule
+    from hpl_lightning.errors import UsageError
+
+    records = make_records(n_tasks=1)
+    train = write_jsonl(tmp_path / "train.jsonl", records)
+
+    def datamodule(path: Path = train, accumulate: int = 1, world: int = 1, **kwargs) -> HPLDataModule:
+        dm = HPLDataModule(train_path=str(path), max_length=512, **kwargs)
+        dm.trainer = SimpleNamespace(accumulate_grad_batches=accumulate, world_size=world, global_rank=0,
+                                     max_epochs=3, max_steps=-1)
+        dm.setup("fit")
+        return dm
+
+    saved = datamodule().state_dict()
+    edited = write_jsonl(tmp_path / "edited.jsonl", [{**records[0], "reward": 0.5}, *records[1:]])
+    for dm, change in ((datamodule(accumulate=2), "trainer.accumulate_grad_batches 1 -> 2"),
+                       (datamodule(world=2), "world size 1 -> 2"),
+                       (datamodule(edited), "training data (content hash) "),
+                       (datamodule(seed=1, batch_size=2), "data.seed 0 -> 1, data.batch_size 4 -> 2")):
+        with pytest.raises(UsageError, match=f"^resuming with {re.escape(change)}"):
+            dm.load_state_dict(saved)
+    datamodule().load_state_dict(saved)  # the same run
+    datamodule(batch_size=2).load_state_dict({k: saved[k] for k in ("seed", "curriculum", "schedule")})  # older
 
 
 # ------------------------------------------------------------------------------------------------ quiet

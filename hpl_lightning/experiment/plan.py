@@ -20,6 +20,17 @@ from hpl_lightning.experiment.records import DONE_FILE, read_record
 from hpl_lightning.experiment.settings import PREFERENCE_LEVELS, SFT_DEFAULTS, STATISTICS_ONLY, Experiment, flatten
 
 
+# Parameters added to a stage kind after stages of it were published, with the value that reproduces what ran before
+# they existed: at that value they stay out of the key, so the published stages are still found (whether they are
+# current is their code fingerprint's business, not their key's); any other value moves the key.
+ADDED_LATER: dict[str, dict[str, Any]] = {"pairs.filters": {"step_both_directions": False}}
+
+
+def without_added_later(params: dict[str, Any], where: str) -> dict[str, Any]:
+    legacy = ADDED_LATER.get(where, {})
+    return {k: v for k, v in params.items() if not (k in legacy and v == legacy[k])}
+
+
 def config_hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
@@ -169,7 +180,8 @@ def build_plan(exp: Experiment, kinds: Sequence[KindEntry]) -> Plan:
                 if "group" in recipe.levels:
                     rollouts.append(explored_groups[recipe.segmenter])
                 pair_stage = add(Stage("pairs", f"{recipe.segmenter or 'none'}-{'-'.join(recipe.levels)}-{tag}",
-                                       {"levels": list(recipe.levels), "filters": asdict(exp.pair_filters),
+                                       {"levels": list(recipe.levels),
+                                        "filters": without_added_later(asdict(exp.pair_filters), "pairs.filters"),
                                         "max_negatives": exp.exploration.config.max_negatives},
                                        [source, *rollouts], root))
                 runs[(arm, seed_)] = add(Stage("train", f"{arm}-s{seed_}",
