@@ -151,7 +151,8 @@ def segment(
     Args:
         input: expert trajectory JSONL.
         output: the same trajectories with their groups.
-        segmenter: fixed_n, fixed_k, uncertainty, semantic_llm, semantic_embedding or jaccard.
+        segmenter: fixed_n, fixed_k, uncertainty, semantic_llm, semantic_embedding, jaccard or subgoal (an oracle:
+            ScienceWorld's sub-goals, from the simulator's scores that gold experts record).
         options: the segmenter's config fields, e.g. {"group_size": 3} or {"threshold": 0.5}.
         reference: uncertainty only: π_ref, the SFT policy (hub name, directory or .ckpt), whose per-action
             entropies are computed when a trajectory has no ``meta.action_entropies`` yet (they are stored there);

@@ -180,6 +180,31 @@ def test_a_rollout_that_raises_is_recorded_as_failed_and_exploration_goes_on(tmp
     assert len(path.read_text().splitlines()) == lines + 2  # only the failed ones ran again
 
 
+class ScoringEnv(RaisingEnv):
+    """Reports a score after each action, as ScienceWorld does: the expert's actions a0..a3 raise it by 25 each."""
+
+    def reset(self, task: Task) -> str:
+        self.score = 0
+        return ""
+
+    def step(self, action: str) -> StepResult:
+        self.score += 25 * action.startswith("a")
+        return StepResult("o", self.score / 100, action == "a3", {"score": self.score})
+
+
+def test_rollouts_record_the_score_after_each_action_where_the_env_gives_one(tmp_path: Path) -> None:
+    expert, config = _expert(), ExploreConfig(levels=("step",), mc_samples=1, max_steps_per_task=3)
+    for env, path in ((ScoringEnv, tmp_path / "scored.jsonl"), (RaisingEnv, tmp_path / "unscored.jsonl")):
+        with EnvPool(env, 1) as pool:
+            explorer = Explorer(pool, {False: BoomFirstPolicy(), True: BoomFirstPolicy()}, path, config, False)
+            explorer.run(plans([expert], lambda t: Task("x/1", "task"), config), count_plans([expert], config))
+    scored, unscored = read_rollouts(tmp_path / "scored.jsonl"), read_rollouts(tmp_path / "unscored.jsonl")
+    # after the expert's a0 (25), the agent's a3 raises it to 50; its "boom" at t=0 raises nothing
+    assert scored["x/1|step|1|proposal|0"].meta == {"scores": [50]}
+    assert scored["x/1|step|0|proposal|0"].meta == {"scores": [0, 25]}
+    assert unscored and all(r.meta == {} for r in unscored.values())
+
+
 # ------------------------------------------------------------------------------------------------ helpers
 def pipeline(*args: str) -> Any:
     """In process (the subprocess start-up of torch and transformers would dominate these small runs)."""
