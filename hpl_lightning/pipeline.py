@@ -13,6 +13,7 @@ is resumable: run it again after a crash or Ctrl-C and it continues where it sto
 
 from __future__ import annotations
 
+import bisect
 import copy
 import json
 from dataclasses import asdict, replace
@@ -41,6 +42,7 @@ from hpl_lightning.schema import (
     Trajectory,
     UsageError,
     exit_2_on_bad_input,
+    head_length,
     load_records,
     parse_record,
     to_json,
@@ -56,7 +58,7 @@ from hpl_lightning.segmentation import (
     segment_stats,
     validate_cover,
 )
-from hpl_lightning.tokenization import ChatTokenizer
+from hpl_lightning.tokenization import ChatTokenizer, truncate_history
 
 
 def load_trajectories(path: str) -> list[Trajectory]:
@@ -110,29 +112,50 @@ def import_(output: str, input: str | None = None, source: str = "intercode", su
 # ------------------------------------------------------------------------------------------------ segment
 @torch.no_grad()
 def action_entropies(policy: LocalPolicy, trajectory: Trajectory, max_length: int = 4096) -> list[float]:
-    """Mean next-token entropy of π_ref over each action's tokens given everything before it (the uncertainty
-    segmenter's input). Conversations longer than ``max_length`` tokens keep the last ``max_length`` (context cut);
-    an action with a token outside them is an error naming the trajectory (its entropy would be made up)."""
+    """Mean next-token entropy of π_ref over each action's tokens given what precedes it (the uncertainty segmenter's
+    input).
+
+    A conversation longer than ``max_length`` tokens is read in windows of at most ``max_length``: each holds the
+    task statement, the most recent whole turns before its first action that fit in half of ``max_length`` (history
+    cut as in training and evaluation, :func:`~hpl_lightning.tokenization.truncate_history`), then as many actions
+    as fit, so every action sees the task and at least the turns just before it; a conversation that fits is one
+    window (the whole of it). An action that does not fit in a window with the task statement alone is an error
+    naming the trajectory (its entropy would be made up)."""
     chat = ChatTokenizer(policy.tokenizer, max_length)
     messages = trajectory.messages
+    at, head = action_indices(messages), head_length(messages)
+
+    def n_tokens(msgs: list[dict[str, str]]) -> int:
+        return len(policy.tokenizer(chat.render(msgs), add_special_tokens=False)["input_ids"])
+
+    out: list[float] = []
+    while len(out) < len(at):
+        k = len(out)
+        history = truncate_history(messages[: at[k]], head, lambda m: n_tokens(m) <= max_length // 2)
+        if n_tokens(history + messages[at[k]: at[k] + 1]) > max_length:
+            raise ValueError(
+                f"trajectory {trajectory.id!r}: action {k} does not fit in max_length={max_length} tokens with the "
+                "task statement; raise --max_length to compute its entropy"
+            )
+        last = bisect.bisect_right(  # the last action that fits in this window
+            range(k, len(at)), max_length, key=lambda j: n_tokens(history + messages[at[k]: at[j] + 1])
+        ) + k - 1
+        window = history + messages[at[k]: at[last] + 1]
+        out += _window_entropies(policy, chat, window, len(history))
+    return out
+
+
+def _window_entropies(policy: LocalPolicy, chat: ChatTokenizer, messages: list[dict[str, str]],
+                      first: int) -> list[float]:
+    """Mean next-token entropy over the tokens of each assistant message from index ``first`` on, in one forward."""
     text = chat.render(messages)
     spans = [(len(chat.render(messages[:i], add_generation_prompt=True)), len(chat.render(messages[: i + 1])))
-             for i in action_indices(messages)]
+             for i in range(first, len(messages)) if messages[i]["role"] == "assistant"]
     enc = policy.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    cut = max(0, len(ids) - max_length)
-    hidden = final_hidden_states(policy.model, input_ids=torch.tensor([ids[cut:]], device=policy.device))[0]
-    out = []
+    hidden = final_hidden_states(policy.model, input_ids=torch.tensor([enc["input_ids"]], device=policy.device))[0]
     # the entropy of the distribution predicting token j comes from the hidden state at j - 1
-    for k, (a, b) in enumerate(spans):
-        positions = [j - cut - 1 for j, (start, _) in enumerate(offsets) if a <= start < b]
-        if not positions or min(positions) < 0:
-            raise ValueError(
-                f"trajectory {trajectory.id!r}: action {k} is not within the last max_length={max_length} tokens of "
-                f"its {len(ids)}-token conversation; raise --max_length to compute its entropy"
-            )
-        out.append(float(token_entropies(policy.model, hidden[positions]).mean()))
-    return out
+    positions = [[j - 1 for j, (start, _) in enumerate(enc["offset_mapping"]) if a <= start < b] for a, b in spans]
+    return [float(token_entropies(policy.model, hidden[p]).mean()) for p in positions]
 
 
 def segment(

@@ -319,7 +319,7 @@ def test_uncertainty_segmentation_needs_an_explicit_reference_and_every_action_i
         pipeline("segment", "--input", str(tmp_path / "e.jsonl"), "--output", str(tmp_path / "s.jsonl"),
                  "--segmenter", "uncertainty")
     (expert, _), = load_records(tmp_path / "e.jsonl")
-    with pytest.raises(ValueError, match=f"trajectory '{expert.id}': action 0 is not within the last max_length=64"):
+    with pytest.raises(ValueError, match=f"trajectory '{expert.id}': action 0 does not fit in max_length=64 tokens"):
         action_entropies(LocalPolicy("hpl-tiny"), expert, max_length=64)
 
 
