@@ -14,6 +14,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -191,6 +192,23 @@ def machine() -> str:
     accel = f"{len(gpus)}x {gpus[0]}" if gpus else "no GPU"
     return (f"{platform.system()} {platform.machine()}, {cores} CPU cores, {memory:.0f} GiB RAM, {accel}, "
             f"torch {torch.__version__}")
+
+
+def revision(exclude: Path | None = None) -> str | None:
+    """The checkout's git commit, marked when tracked files (other than under ``exclude``, e.g. the results being
+    written) differ from it; None outside git: which code produced a report."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short=12", "HEAD")
+        top = Path(git("rev-parse", "--show-toplevel"))
+        skip = exclude.resolve() if exclude is not None else None
+        pathspec = [f":(exclude,top){skip.relative_to(top)}"] if skip is not None and skip.is_relative_to(top) else []
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ":/", *pathspec)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return f"{head} + uncommitted changes" if dirty else head
 
 
 def _provenance_lines(provenance: Mapping[str, Any]) -> list[str]:
