@@ -12,7 +12,7 @@ import pytest
 from hpl_lightning import segment_quality as sq
 from hpl_lightning.schema import to_json, write_jsonl
 from hpl_lightning.segmentation import validate_cover
-from tests.test_segmentation import make_trajectory
+from tests.test_segmentation import FakeChatServer, fake_server, make_trajectory  # noqa: F401 - a fixture
 
 
 def test_boundaries_are_the_starts_of_all_groups_but_the_first() -> None:
@@ -101,9 +101,10 @@ def test_worst_group_shows_the_straddled_sub_goals() -> None:
     assert worst is not None and (worst.trajectory, worst.cuts) == ("u", [1, 2, 3])
 
 
-def test_segment_quality_command_on_recorded_trajectories(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+def test_segment_quality_command_on_recorded_trajectories(tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                           fake_server: FakeChatServer) -> None:
     """Every trajectory given: no simulator starts. Each segmenter and the random baseline get a row, per task
-    type and overall, and the report names its command and commit."""
+    type and overall, and the report names its command and commit; an LLM answering the reference scores 100."""
     from hpl_lightning.envs.sciworld import DEFAULT_SPLITS
     from hpl_lightning.pipeline import main as pipeline
 
@@ -119,14 +120,17 @@ def test_segment_quality_command_on_recorded_trajectories(tmp_path: Path, capsys
                             start_score=0, scores=[0, 5, 10, 10, 10, 30, 30, 100])
         experts.append(to_json(t))
     write_jsonl(tmp_path / "gold.jsonl", experts)
+    fake_server.answer("Task: Your task is to boil water.", "[[0, 1], [2, 2], [3, 5], [6, 7]]")
+    llm = {"semantic_llm": {"base_url": fake_server.base_url, "model": "m", "api_key": "k", "fallback": None}}
     out = tmp_path / "report"
     result = pipeline(["segment-quality", "--split", "dev", "--splits", str(tmp_path / "splits.json"),
                        "--experts", str(tmp_path / "gold.jsonl"), "--output_dir", str(out),
-                       "--segmenters", '["fixed_k", "jaccard", "uncertainty"]', "--policy", "hpl-tiny",
-                       "--random_draws", "3"])
+                       "--segmenters", '["fixed_k", "jaccard", "uncertainty", "semantic_llm"]', "--policy", "hpl-tiny",
+                       "--options", json.dumps(llm), "--random_draws", "3"])
     assert result["trajectories"] == 3 and not result["failed"]
     table = result["table"]
-    assert list(table) == ["fixed_k", "jaccard", "uncertainty", "random"]
+    assert list(table) == ["fixed_k", "jaccard", "uncertainty", "semantic_llm", "random"]
+    assert table["semantic_llm"]["all"]["f1"] == 1.0 and table["semantic_llm"]["all"]["straddling"] == 0.0
     assert set(table["fixed_k"]) == {"boil", "find-animal", "all"}
     # the reference cuts before 2, 3 and 6 (after each raise but the last action's); fixed_k before 3 and 6
     assert table["fixed_k"]["all"]["precision"] == 1.0 and table["fixed_k"]["all"]["recall"] == pytest.approx(2 / 3)
