@@ -491,7 +491,7 @@ def segment_quality(
         device: uncertainty: cpu or cuda.
         experts: a gold-expert JSONL to read the trajectories from (``import --source sciworld_gold``); the
             missing ones are played and appended. Default: play them all now.
-        output_dir: where the report goes.
+        output_dir: where the report goes (the default holds the committed one: give short runs another).
         workers: simulators in parallel.
         seed: of the random baseline.
         random_draws: random covers per trajectory (pooled).
@@ -529,7 +529,7 @@ def segment_quality(
     if per_task is not None:
         variations = sq.stratified(variations, per_task)
     variations = variations[:limit]
-    load = os.getloadavg()
+    load, code = os.getloadavg(), revision(Path(output_dir))  # the code that runs, whatever changes meanwhile
     seconds: dict[str, float] = {}
     t0 = time.perf_counter()
     trajectories, failed = gold_trajectories(split, variations, splits, experts, workers)
@@ -578,7 +578,7 @@ def segment_quality(
            f"{', '.join(f'`{k}` ({v})' for k, v in failed.items())}."] if failed else []),
     ]
     provenance = {
-        "command": f"`{command}`", "commit": f"`{revision(Path(output_dir))}`", "machine": machine(),
+        "command": f"`{command}`", "commit": f"`{code}`", "machine": machine(),
         "load average (1/5/15 min) at the start": " / ".join(f"{x:.1f}" for x in load),
         "load average at the end": " / ".join(f"{x:.1f}" for x in os.getloadavg()),
         "wall time": f"{wall:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + ")",
