@@ -21,6 +21,9 @@ plans are replayed against the file, so a finished rollout is never run twice an
 A rollout whose environment crashes on every attempt (or raises anything, e.g. ``MemoryError``) is written with its
 ``error`` and reward null; pairs leave it out, the exploration goes on, and a re-run runs it again. Several failures
 in a row mean the backend is down: ``ExplorationAborted``.
+
+Where the environment reports a score after each action (ScienceWorld's ``info['score']``, 0-100), a rollout keeps
+it in ``meta.scores``, one per action it took: the sub-goals it met, not only its final reward.
 """
 
 from __future__ import annotations
@@ -339,6 +342,7 @@ class _Running:
     actions: list[str | None] = field(default_factory=list)
     last: StepResult | None = None
     attempts: int = 1
+    scores: list[float] = field(default_factory=list)  # info['score'] after each action, where the env gives one
 
 
 class Explorer:
@@ -389,7 +393,7 @@ class Explorer:
             nonlocal failures_in_a_row
             job = run.job
             rollout = Rollout(job.key, job.task_id, job.level, job.index, job.role, job.sample, run.new, run.actions,
-                              reward, done, job.parent, error)
+                              reward, done, job.parent, error, {"scores": run.scores} if run.scores else {})
             failures_in_a_row = failures_in_a_row + 1 if error is not None else 0
             append_jsonl(self.path, [asdict(rollout)])
             self.done[job.key] = rollout
@@ -480,6 +484,8 @@ class Explorer:
                 crashed(run, result)
                 continue
             self.timer.env_steps[run.job.role] += 1
+            if "score" in result.info:
+                run.scores.append(result.info["score"])
             obs = observation_message(result.observation)
             run.messages.append(obs)
             run.new.append(obs)

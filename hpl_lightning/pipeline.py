@@ -5,6 +5,7 @@
     python -m hpl_lightning.pipeline explore --experts segmented.jsonl --output rollouts.jsonl --benchmark intercode_sql
     python -m hpl_lightning.pipeline pairs   --experts segmented.jsonl --rollouts rollouts.jsonl --output pairs.jsonl
     python -m hpl_lightning.pipeline stats   --input experts.jsonl
+    python -m hpl_lightning.pipeline segment-quality --benchmark sciworld --split dev --limit 10
     python train.py fit --data.train_path pairs.jsonl ...
 
 Every subcommand takes ``--config FILE.yaml`` (see ``configs/pipeline-*.yaml``) and ``--print_config``. ``explore``
@@ -13,6 +14,7 @@ is resumable: run it again after a crash or Ctrl-C and it continues where it sto
 
 from __future__ import annotations
 
+import bisect
 import copy
 import json
 from dataclasses import asdict, replace
@@ -35,9 +37,9 @@ from hpl_lightning.explore import (
     read_rollouts,
 )
 from hpl_lightning.logprobs import final_hidden_states, token_entropies
-from hpl_lightning.pairs import PairFilters, build_pairs
+from hpl_lightning.pairs import PairFilters, build_pairs, expert_actions
 from hpl_lightning.policies import MAX_NEW_TOKENS, LocalPolicy, OpenAIPolicy, Policy
-from hpl_lightning.schema import Trajectory, load_records, parse_record, to_json, write_jsonl
+from hpl_lightning.schema import Trajectory, head_length, load_records, parse_record, to_json, write_jsonl
 from hpl_lightning.segmentation import (
     DEFAULT_STATS_SEGMENTERS,
     InvalidCover,
@@ -48,7 +50,7 @@ from hpl_lightning.segmentation import (
     segment_stats,
     validate_cover,
 )
-from hpl_lightning.tokenization import ChatTokenizer
+from hpl_lightning.tokenization import ChatTokenizer, truncate_history
 
 
 def load_trajectories(path: str) -> list[Trajectory]:
@@ -117,29 +119,50 @@ def import_(output: str, input: str | list[str] | None = None, source: str = "in
 # ------------------------------------------------------------------------------------------------ segment
 @torch.no_grad()
 def action_entropies(policy: LocalPolicy, trajectory: Trajectory, max_length: int = 4096) -> list[float]:
-    """Mean next-token entropy of π_ref over each action's tokens given everything before it (the uncertainty
-    segmenter's input). Conversations longer than ``max_length`` tokens keep the last ``max_length`` (context cut);
-    an action with a token outside them is an error naming the trajectory (its entropy would be made up)."""
+    """Mean next-token entropy of π_ref over each action's tokens given what precedes it (the uncertainty segmenter's
+    input).
+
+    A conversation longer than ``max_length`` tokens is read in windows of at most ``max_length``: each holds the
+    task statement, the most recent whole turns before its first action that fit in half of ``max_length`` (history
+    cut as in training and evaluation, :func:`~hpl_lightning.tokenization.truncate_history`), then as many actions
+    as fit, so every action sees the task and at least the turns just before it; a conversation that fits is one
+    window (the whole of it). An action that does not fit in a window with the task statement alone is an error
+    naming the trajectory (its entropy would be made up)."""
     chat = ChatTokenizer(policy.tokenizer, max_length)
     messages = trajectory.messages
+    at, head = action_indices(messages), head_length(messages)
+
+    def n_tokens(msgs: list[dict[str, str]]) -> int:
+        return len(policy.tokenizer(chat.render(msgs), add_special_tokens=False)["input_ids"])
+
+    out: list[float] = []
+    while len(out) < len(at):
+        k = len(out)
+        history = truncate_history(messages[: at[k]], head, lambda m: n_tokens(m) <= max_length // 2)
+        if n_tokens(history + messages[at[k]: at[k] + 1]) > max_length:
+            raise ValueError(
+                f"trajectory {trajectory.id!r}: action {k} does not fit in max_length={max_length} tokens with the "
+                "task statement; raise --max_length to compute its entropy"
+            )
+        last = bisect.bisect_right(  # the last action that fits in this window
+            range(k, len(at)), max_length, key=lambda j: n_tokens(history + messages[at[k]: at[j] + 1])
+        ) + k - 1
+        window = history + messages[at[k]: at[last] + 1]
+        out += _window_entropies(policy, chat, window, len(history))
+    return out
+
+
+def _window_entropies(policy: LocalPolicy, chat: ChatTokenizer, messages: list[dict[str, str]],
+                      first: int) -> list[float]:
+    """Mean next-token entropy over the tokens of each assistant message from index ``first`` on, in one forward."""
     text = chat.render(messages)
     spans = [(len(chat.render(messages[:i], add_generation_prompt=True)), len(chat.render(messages[: i + 1])))
-             for i in action_indices(messages)]
+             for i in range(first, len(messages)) if messages[i]["role"] == "assistant"]
     enc = policy.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = enc["input_ids"], enc["offset_mapping"]
-    cut = max(0, len(ids) - max_length)
-    hidden = final_hidden_states(policy.model, input_ids=torch.tensor([ids[cut:]], device=policy.device))[0]
-    out = []
+    hidden = final_hidden_states(policy.model, input_ids=torch.tensor([enc["input_ids"]], device=policy.device))[0]
     # the entropy of the distribution predicting token j comes from the hidden state at j - 1
-    for k, (a, b) in enumerate(spans):
-        positions = [j - cut - 1 for j, (start, _) in enumerate(offsets) if a <= start < b]
-        if not positions or min(positions) < 0:
-            raise ValueError(
-                f"trajectory {trajectory.id!r}: action {k} is not within the last max_length={max_length} tokens of "
-                f"its {len(ids)}-token conversation; raise --max_length to compute its entropy"
-            )
-        out.append(float(token_entropies(policy.model, hidden[positions]).mean()))
-    return out
+    positions = [[j - 1 for j, (start, _) in enumerate(enc["offset_mapping"]) if a <= start < b] for a, b in spans]
+    return [float(token_entropies(policy.model, hidden[p]).mean()) for p in positions]
 
 
 def segment(
@@ -158,7 +181,8 @@ def segment(
     Args:
         input: expert trajectory JSONL.
         output: the same trajectories with their groups.
-        segmenter: fixed_n, fixed_k, uncertainty, semantic_llm, semantic_embedding or jaccard.
+        segmenter: fixed_n, fixed_k, uncertainty, semantic_llm, semantic_embedding, jaccard or subgoal (an oracle:
+            ScienceWorld's sub-goals, from the simulator's scores that gold experts record).
         options: the segmenter's config fields, e.g. {"group_size": 3} or {"threshold": 0.5}.
         reference: uncertainty only: π_ref, the SFT policy (hub name, directory or .ckpt), whose per-action
             entropies are computed when a trajectory has no ``meta.action_entropies`` yet (they are stored there);
@@ -407,6 +431,177 @@ def stats(
     return result
 
 
+# ------------------------------------------------------------------------------------------------ segment-quality
+QUALITY_SEGMENTERS = ("fixed_n", "fixed_k", "uncertainty", "semantic_embedding", "jaccard")
+
+
+def gold_trajectories(split: str, variations: Sequence[tuple[str, int]], splits: str, experts: str | None,
+                      workers: int) -> tuple[list[Trajectory], dict[str, str]]:
+    """ScienceWorld gold experts (each action's score recorded) of ``variations``, in their order, and why the
+    others are missing: read from ``experts`` (a ``sciworld_gold`` import), the ones not in it played now and
+    appended to it (the simulator when ``experts`` is None)."""
+    import tempfile
+
+    from hpl_lightning.envs.sciworld import SciWorldSplits, gold_experts, task_id
+
+    def read(path: str) -> dict[str, Trajectory]:
+        return {t.id: t for t in load_trajectories(path)} if Path(path).is_file() else {}
+
+    found, failed = read(experts) if experts else {}, {}
+    missing = [v for v in variations if task_id(*v) not in found]
+    if missing:  # played into ``experts`` (resumable) or a file of the moment
+        with tempfile.TemporaryDirectory() as tmp:
+            subset = Path(tmp) / "splits.json"  # the split narrowed to the missing variations, for gold_experts
+            protocol = SciWorldSplits.load(splits)
+            subset.write_text(json.dumps({"simplification": protocol.simplification, "max_steps": protocol.max_steps,
+                                          "splits": {split: [list(v) for v in missing]}}))
+            path = experts or str(Path(tmp) / "gold.jsonl")
+            failed = gold_experts(split, path, workers=workers, splits=str(subset))["failed"]
+            found = read(path)
+    return [found[task_id(*v)] for v in variations if task_id(*v) in found], failed
+
+
+def segment_quality(
+    benchmark: str = "sciworld",
+    split: str = "dev",
+    limit: int | None = None,
+    per_task: int | None = None,
+    segmenters: list[str] = list(QUALITY_SEGMENTERS),
+    options: dict[str, dict[str, Any]] | None = None,
+    policy: str = "smollm2-135m-instruct",
+    max_length: int = 4096,
+    dtype: str = "float32",
+    device: str = "cpu",
+    experts: str | None = None,
+    output_dir: str = "results/segmentation-quality",
+    workers: int = 1,
+    seed: int = 0,
+    random_draws: int = 20,
+    splits: str | None = None,
+) -> dict[str, Any]:
+    """Scores each segmenter's action groups on a split's gold trajectories against the reference: ScienceWorld's
+    sub-goals (a cut after every action that raised the simulator's score, the ``subgoal`` segmenter). Prints the
+    table and writes results.md, results.png, results.json and covers.jsonl (every trajectory's reference, covers
+    and entropies) to ``output_dir``.
+
+    Args:
+        benchmark: sciworld (the only one whose score marks sub-goals).
+        split: train, dev or test.
+        limit: only the first N variations (after ``per_task``).
+        per_task: only the first K variations of each task type (a stratified subset).
+        segmenters: those to score, with a random baseline (the reference's group count, random cuts); add
+            semantic_llm with its endpoint in ``options``.
+        options: config fields per segmenter, e.g. {"semantic_llm": {"base_url": ..., "model": ...}}.
+        policy: uncertainty: the model whose per-action entropies it cuts at (a pretrained one: never hpl-tiny).
+        max_length: uncertainty: tokens per window (longer trajectories are read in windows).
+        dtype: uncertainty: model weights.
+        device: uncertainty: cpu or cuda.
+        experts: a gold-expert JSONL to read the trajectories from (``import --source sciworld_gold``); the
+            missing ones are played and appended. Default: play them all now.
+        output_dir: where the report goes (the default holds the committed one: give short runs another).
+        workers: simulators in parallel.
+        seed: of the random baseline.
+        random_draws: random covers per trajectory (pooled).
+        splits: ScienceWorld's splits.json (default: the shared one).
+    """
+    import importlib.metadata
+    import inspect
+    import os
+    import shlex
+    import time
+
+    import numpy as np
+    from tqdm.auto import tqdm
+
+    from hpl_lightning import segment_quality as sq
+    from hpl_lightning.envs.sciworld import DEFAULT_SPLITS, SciWorldSplits, parse_task_id
+    from hpl_lightning.results import machine, revision, revision_text
+
+    defaults = {k: p.default for k, p in inspect.signature(segment_quality).parameters.items()}
+    given = {k: v for k, v in locals().items() if k in defaults and v != defaults[k]}
+    command = shlex.join(["hpl-pipeline", "segment-quality", *(x for k, v in given.items() for x in (
+        f"--{k}", json.dumps(v) if isinstance(v, (list, dict)) else str(v)))])
+    if benchmark != "sciworld":
+        raise UsageError(f"--benchmark: only sciworld has sub-goal scores, not {benchmark!r}")
+    for name in segmenters:  # names and options before any simulator or model starts
+        try:
+            build_segmenter(name, (options or {}).get(name))
+        except ValueError as e:
+            raise UsageError(f"--segmenters/--options: {e}") from None
+    if not segmenters or sq.RANDOM in segmenters or "subgoal" in segmenters:
+        raise UsageError("--segmenters: name at least one segmenter (the random baseline and the subgoal reference "
+                         "are always there)")
+    splits = splits or str(DEFAULT_SPLITS)
+    variations = SciWorldSplits.load(splits).variations(split)
+    if per_task is not None:
+        variations = sq.stratified(variations, per_task)
+    variations = variations[:limit]
+    load, code = os.getloadavg(), revision(Path(output_dir))  # the code that runs, whatever changes meanwhile
+    seconds: dict[str, float] = {}
+    t0 = time.perf_counter()
+    trajectories, failed = gold_trajectories(split, variations, splits, experts, workers)
+    seconds["gold paths"] = time.perf_counter() - t0
+    reference = build_segmenter("subgoal").segment_many(trajectories)
+    covers: dict[str, list[list[tuple[int, int]]]] = {}
+    entropies: dict[str, list[float]] = {}
+    for name in segmenters:
+        t = time.perf_counter()
+        inputs = {}
+        if name == "uncertainty":
+            ref = LocalPolicy(policy, dtype=dtype, device=device)
+            for tr in tqdm(trajectories, desc=f"entropies ({policy})", unit="trajectory"):
+                entropies[tr.id] = action_entropies(ref, tr, max_length)
+            inputs["entropies"] = entropies
+            del ref
+        cutter = build_segmenter(name, (options or {}).get(name), **inputs)
+        covers[name] = cutter.segment_many(trajectories)
+        for tr, cover in zip(trajectories, covers[name]):
+            validate_cover(cover, len(action_indices(tr.messages)))
+        seconds[name] = time.perf_counter() - t
+        if isinstance(cutter, LLMSegmenter):
+            print(f"{name}: {cutter.stats.summary(cutter.config.fallback)}")
+    golds = [sq.Gold(tr.id, parse_task_id(tr.id)[0], expert_actions(tr), tr.meta["start_score"], tr.meta["scores"],
+                     cover) for tr, cover in zip(trajectories, reference)]
+    counts, randoms = sq.count(golds, covers, seed, random_draws)
+    result = sq.table(counts)
+    examples = [ex for name in segmenters if (ex := sq.worst_example(name, golds, covers[name])) is not None]
+    wall = time.perf_counter() - t0
+    per_trajectory = [
+        {"id": g.id, "start_score": g.start_score, "scores": g.scores, "reference": g.reference,
+         "covers": {name: covers[name][i] for name in segmenters}, sq.RANDOM: randoms[g.id][0],
+         **({"entropies": [round(h, 4) for h in entropies[g.id]]} if g.id in entropies else {})}
+        for i, g in enumerate(golds)]
+    actions = [len(g.commands) for g in golds]
+    chosen = [f"the first {per_task} variations of each task type"] if per_task else []
+    chosen += [f"the first {limit}{' of those' if per_task else ' variations'}"] if limit else []
+    notes = [
+        f"Gold trajectories of ScienceWorld's {split} split ({'; '.join(chosen) or 'every variation'}): "
+        f"{len(golds)} of {len(variations)} played to score 100, {len({g.task_type for g in golds})} task types, "
+        f"{sum(actions)} actions ({min(actions)}-{max(actions)} per trajectory, mean {np.mean(actions):.1f}). The "
+        "reference cuts after every action that raised the simulator's score (the `subgoal` segmenter, an oracle). "
+        f"Boundary P/R/F1 pooled over trajectories; `random` cuts at random with the reference's group count "
+        f"({random_draws} draws per trajectory, seed {seed}).",
+        *([f"Not scored (the gold path did not reach 100, or crashed): "
+           f"{', '.join(f'`{k}` ({v})' for k, v in failed.items())}."] if failed else []),
+    ]
+    provenance = {
+        "command": f"`{command}`", "commit": f"`{revision_text(code)}`", "machine": machine(),
+        "load average (1/5/15 min) at the start": " / ".join(f"{x:.1f}" for x in load),
+        "load average at the end": " / ".join(f"{x:.1f}" for x in os.getloadavg()),
+        "wall time": f"{wall:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in seconds.items()) + ")",
+        "segmenter options": f"`{json.dumps(options or {})}` (defaults otherwise)",
+        "uncertainty": (f"entropies of `{policy}` ({dtype}, windows of {max_length} tokens); ε = the percentile of "
+                        "all entropies of the trajectories scored" if "uncertainty" in segmenters else "-"),
+        "environment": f"ScienceWorld {importlib.metadata.version('scienceworld')} through hpl_lightning/envs/"
+                       "sciworld.py of that commit",
+    }
+    title = f"Segmentation quality against ScienceWorld's sub-goals ({split})"
+    text = sq.write_report(Path(output_dir), title, result, notes, examples, provenance, per_trajectory)
+    print(text)
+    print(f"report -> {Path(output_dir) / 'results.md'}")
+    return {"table": result, "trajectories": len(trajectories), "failed": failed, "seconds": seconds, "wall": wall}
+
+
 def main(args: Sequence[str] | None = None) -> Any:
     """Runs a subcommand and returns its result (for in-process callers and tests)."""
     from jsonargparse import CLI
@@ -414,7 +609,8 @@ def main(args: Sequence[str] | None = None) -> Any:
     from hpl_lightning.console import ShortErrorParser, one_line_errors
 
     with one_line_errors():
-        return CLI({"import": import_, "segment": segment, "explore": explore, "pairs": pairs, "stats": stats},
+        return CLI({"import": import_, "segment": segment, "explore": explore, "pairs": pairs, "stats": stats,
+                    "segment-quality": segment_quality},
                    args=args, as_positional=False, parser_class=ShortErrorParser)
 
 

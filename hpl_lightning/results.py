@@ -15,6 +15,7 @@ import json
 import math
 import os
 import platform
+import subprocess
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -217,6 +218,29 @@ def machine() -> str:
             f"torch {torch.__version__}")
 
 
+def revision(exclude: Path | None = None) -> dict[str, Any] | None:
+    """The checkout's git commit and whether tracked files (other than under ``exclude``, e.g. the results being
+    written) differ from it; None outside git: which code produced a report or a stage."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], capture_output=True, text=True, check=True).stdout.strip()
+
+    try:
+        head = git("rev-parse", "--short=12", "HEAD")
+        top = Path(git("rev-parse", "--show-toplevel"))
+        skip = exclude.resolve() if exclude is not None else None
+        pathspec = [f":(exclude,top){skip.relative_to(top)}"] if skip is not None and skip.is_relative_to(top) else []
+        dirty = git("status", "--porcelain", "--untracked-files=no", "--", ":/", *pathspec)
+    except (OSError, subprocess.CalledProcessError):
+        return None
+    return {"commit": head, "dirty": bool(dirty)}
+
+
+def revision_text(rev: dict[str, Any] | None) -> str:
+    if rev is None:
+        return "not recorded"
+    return rev["commit"] + (" + uncommitted changes" if rev["dirty"] else "")
+
+
 def _provenance_lines(provenance: Mapping[str, Any]) -> list[str]:
     if not provenance:
         return []
@@ -249,7 +273,8 @@ def _provenance_lines(provenance: Mapping[str, Any]) -> list[str]:
 
 
 def write_results(root: Path, title: str, arms: Sequence[str], splits: Sequence[str],
-                  evals: Mapping[tuple[str, int, str], tuple[str, Path]], confidence: float, config: dict[str, Any], seconds: dict[str, float],
+                  evals: Mapping[tuple[str, int, str], tuple[str, Path]], confidence: float,
+                  config: dict[str, Any], seconds: dict[str, float],
                   notes: Sequence[str] = (), baselines: Sequence[str] = ("sft", "eto"),
                   provenance: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Writes results.json, results.md and results.png to ``root`` and returns what results.json holds.

@@ -184,6 +184,14 @@ def threshold_groups(
     return groups_from_starts(starts, n)
 
 
+def subgoal_groups(scores: Sequence[float], start_score: float) -> list[Group]:
+    """Cuts after every action that raised the environment's score (``scores[t]``: the score after action t,
+    ``start_score`` the one before action 0): on ScienceWorld each raise is a sub-goal met, so each group ends with
+    the action that met one (the actions after the last raise form the last group)."""
+    before = [start_score, *scores[:-1]]
+    return groups_from_starts([t + 1 for t in range(len(scores) - 1) if scores[t] > before[t]], len(scores))
+
+
 _TOKEN = re.compile(r"\w+")
 
 
@@ -470,6 +478,40 @@ class JaccardSegmenter(Segmenter):
         return [threshold_groups(self.similarities(t), c.threshold, c.min_group, c.max_group) for t in trajectories]
 
 
+@dataclass(frozen=True)
+class SubgoalConfig:
+    scores_key: str = "scores"  # meta field: the score after each action
+    start_key: str = "start_score"  # meta field: the score before the first action
+
+
+class SubgoalSegmenter(Segmenter):
+    """An oracle, not a segmenter a method can use: it cuts where ScienceWorld's simulator raised the score
+    (``subgoal_groups``), i.e. at the task's own sub-goal boundaries, read from ``meta.scores`` and
+    ``meta.start_score``, which ScienceWorld gold experts (``import --source sciworld_gold``) record. It needs the
+    simulator's score of every expert action, which no other benchmark or data source gives; it is the reference
+    segmentation quality is measured against and the upper bound of the group level."""
+
+    name = "subgoal"
+    config_class = SubgoalConfig
+
+    def __init__(self, config: SubgoalConfig = SubgoalConfig()):
+        self.config = config
+
+    def segment_many(self, trajectories: Sequence[Trajectory]) -> list[list[Group]]:
+        out = []
+        for t in trajectories:
+            scores, start = t.meta.get(self.config.scores_key), t.meta.get(self.config.start_key)
+            n = len(action_indices(t.messages))
+            if not isinstance(scores, list) or len(scores) != n or not isinstance(start, (int, float)):
+                raise ValueError(
+                    f"trajectory {t.id!r}: the subgoal segmenter needs the simulator's score after each of its {n} "
+                    f"actions (meta.{self.config.scores_key}) and before them (meta.{self.config.start_key}); "
+                    "ScienceWorld gold experts record them (hpl-pipeline import --source sciworld_gold)"
+                )
+            out.append(subgoal_groups([float(x) for x in scores], float(start)))
+        return out
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Semantic segmentation by an LLM
 
@@ -662,7 +704,7 @@ class LLMSegmenter(Segmenter):
 SEGMENTERS: Mapping[str, type[Segmenter]] = {
     cls.name: cls
     for cls in (FixedNSegmenter, FixedKSegmenter, UncertaintySegmenter, LLMSegmenter, EmbeddingSegmenter,
-                JaccardSegmenter)
+                JaccardSegmenter, SubgoalSegmenter)
 }
 
 

@@ -28,7 +28,8 @@ def _fit(run: Path, train: Path, *extra: str, env: dict[str, str] | None = None)
         "--trainer.enable_progress_bar=false", f"--trainer.default_root_dir={run}",
         f"--trainer.logger.init_args.save_dir={run}", "--trainer.logger.init_args.version=0",
         f"--checkpoint.dirpath={run / 'ckpt'}", "--checkpoint.every_n_train_steps=2",
-        "--checkpoint.save_top_k=-1", *extra,  # keep every periodic checkpoint: the tests damage some of them
+        "--checkpoint.save_top_k=-1",  # keep every periodic checkpoint: the tests damage some of them
+        "--data.schedule.unit=one_pass", *extra,  # the step counts below are those of one pass (7 steps)
     ]
     return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=600,
                           env={**os.environ, "HF_HUB_OFFLINE": "1", **(env or {})})

@@ -114,3 +114,41 @@ def test_action_entropies_equal_full_logits(monkeypatch, chunk_logits):
         expected.append(float(entropy[positions].mean()))
     assert len(got) == len(expected) > 1
     torch.testing.assert_close(torch.tensor(got), torch.tensor(expected), atol=1e-6, rtol=0)
+
+
+def test_action_entropies_of_a_long_conversation_in_windows(monkeypatch):
+    """Past max_length: several forwards, each within max_length and starting with the task statement; every
+    action scored once; an action whose whole prefix fits gets the value the unwindowed computation gives."""
+    import hpl_lightning.pipeline as pipeline
+
+    policy = LocalPolicy("hpl-tiny", seed=3)
+    head = [{"role": "user", "content": "You are an agent."}, {"role": "assistant", "content": "OK"},
+            {"role": "user", "content": "Task: count the singers"}]
+    turns = [m for i in range(24) for m in ({"role": "assistant", "content": f"Action: execute[select {i} from t{i}]"},
+                                             {"role": "user", "content": f"Observation: {i * 7} rows in t{i}"})]
+    trajectory = parse_trajectory({"id": "long", "task": "t", "messages": head + turns, "reward": 1.0})
+    chat = ChatTokenizer(policy.tokenizer, 4096)
+
+    def n_tokens(messages: list) -> int:
+        return len(policy.tokenizer(chat.render(messages), add_special_tokens=False)["input_ids"])
+
+    total = n_tokens(trajectory.messages)
+    max_length = total // 3
+    head_ids = policy.tokenizer(chat.render(head), add_special_tokens=False)["input_ids"]
+    forwards = []
+    real = pipeline.final_hidden_states
+
+    def spy(model, input_ids):
+        forwards.append(input_ids[0].tolist())
+        return real(model, input_ids=input_ids)
+
+    full = action_entropies(policy, trajectory, max_length=4 * total)
+    monkeypatch.setattr(pipeline, "final_hidden_states", spy)
+    got = action_entropies(policy, trajectory, max_length=max_length)
+    assert len(got) == len(full) == 24 and len(forwards) >= 3
+    assert all(len(ids) <= max_length and ids[: len(head_ids) - 1] == head_ids[:-1] for ids in forwards)
+    at = action_indices(trajectory.messages)
+    fits = [k for k in range(24) if n_tokens(trajectory.messages[: at[k] + 1]) <= max_length]
+    assert 0 < len(fits) < 24
+    torch.testing.assert_close(torch.tensor(got)[fits], torch.tensor(full)[fits], atol=1e-6, rtol=0)
+    assert got != full  # the actions after the first window see a shorter history

@@ -281,6 +281,37 @@ def test_step_sides_get_the_same_actions_after_the_branch_point(tmp_path: Path) 
     assert all(sum(m["role"] == "assistant" for m in p.rejected) == 3 for p in pairs)
 
 
+class ScoringEnv(RaisingEnv):
+    """Reports a score after each action, as ScienceWorld does: the expert's actions a0..a3 raise it by 25 each."""
+
+    def reset(self, task: Task) -> str:
+        self.score = 0
+        return ""
+
+    def step(self, action: str) -> StepResult:
+        self.score += 25 * action.startswith("a")
+        return StepResult("o", self.score / 100, action == "a3", {"score": self.score})
+
+
+def test_rollouts_record_the_score_after_each_action_where_the_env_gives_one(tmp_path: Path) -> None:
+    expert, config = _expert(), ExploreConfig(levels=("step",), mc_samples=1, max_steps_per_task=3)
+    for env, path in ((ScoringEnv, tmp_path / "scored.jsonl"), (RaisingEnv, tmp_path / "unscored.jsonl")):
+        with EnvPool(env, 1) as pool:
+            explorer = Explorer(pool, {False: BoomFirstPolicy(), True: BoomFirstPolicy()}, path, config, False)
+            explorer.run(plans([expert], lambda t: Task("x/1", "task"), config), count_plans([expert], config))
+    scored, unscored = read_rollouts(tmp_path / "scored.jsonl"), read_rollouts(tmp_path / "unscored.jsonl")
+    # one score per agent action (none for a completion whose replayed branch already ended the episode), each the
+    # one before plus 25 for an a* action (boom raises nothing)
+    assert scored and all(len(r.meta.get("scores", [])) == len(r.actions) for r in scored.values())
+    for r in scored.values():
+        steps = zip(r.meta.get("scores", []), r.meta.get("scores", [])[1:], r.actions[1:])
+        assert all(after - before == 25 * action.startswith("a") for before, after, action in steps)
+    # after the expert's a0 (25), the agent's try a3 at t = 1 raises it to 50
+    (try_at_1,) = [r for r in scored.values() if r.index == 1 and r.role == "try"]
+    assert try_at_1.actions == ["a3"] and try_at_1.meta == {"scores": [50]}
+    assert unscored and all(r.meta == {} for r in unscored.values())
+
+
 # ------------------------------------------------------------------------------------------------ helpers
 def pipeline(*args: str) -> Any:
     """In process (the subprocess start-up of torch and transformers would dominate these small runs)."""
@@ -395,7 +426,7 @@ def test_uncertainty_segmentation_needs_an_explicit_reference_and_every_action_i
         pipeline("segment", "--input", str(tmp_path / "e.jsonl"), "--output", str(tmp_path / "s.jsonl"),
                  "--segmenter", "uncertainty")
     (expert, _), = load_records(tmp_path / "e.jsonl")
-    with pytest.raises(ValueError, match=f"trajectory '{expert.id}': action 0 is not within the last max_length=64"):
+    with pytest.raises(ValueError, match=f"trajectory '{expert.id}': action 0 does not fit in max_length=64 tokens"):
         action_entropies(LocalPolicy("hpl-tiny"), expert, max_length=64)
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from hpl_lightning.envs.base import EnvironmentCrashed, initial_messages
+from hpl_lightning.envs.base import EnvironmentCrashed, Task, initial_messages
 from hpl_lightning.schema import load_records
 
 pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="ScienceWorld's simulator needs a Java runtime")
@@ -27,6 +27,7 @@ from hpl_lightning.envs.sciworld import (  # noqa: E402
     gold,
     gold_experts,
     play_gold,
+    task_id,
 )
 
 
@@ -207,6 +208,33 @@ def test_gold_experts_resumable(tmp_path, capsys):
         assert r.reward == 1.0 and r.task == r.id and r.meta["score"] == 100
         assert r.messages[1] == {"role": "assistant", "content": "OK"}
         assert r.messages[3]["content"].startswith("Action: ") and r.messages[4]["content"].startswith("Observation: ")
+
+
+def test_subgoal_reference_cuts_where_the_simulator_raised_the_score():
+    """The reference of two gold paths (as segment-quality builds it) against the score increments of a replay of
+    their actions on another simulator, read from the simulator itself."""
+    from hpl_lightning.pairs import expert_actions
+    from hpl_lightning.pipeline import gold_trajectories
+    from hpl_lightning.segmentation import build_segmenter, subgoal_groups
+
+    variations = [("find-living-thing", 186), ("lifespan-longest-lived-then-shortest-lived", 87)]
+    trajectories, failed = gold_trajectories("dev", variations, str(DEFAULT_SPLITS), None, 1)
+    assert not failed and [t.id for t in trajectories] == [f"sciworld/{n}/{v}" for n, v in variations]
+    reference = build_segmenter("subgoal").segment_many(trajectories)
+    with SciWorldEnv(step_budget=False) as env:
+        for variation, t, cover in zip(variations, trajectories, reference):
+            env.gold_actions(Task(task_id(*variation), ""))  # the loads play_gold makes, in its order: the
+            env.reset(env.task(*variation))  # simulator's world depends on what it loaded before
+            start = round(100 * env.simulator.call("getScore"))
+            scores = []
+            for action in expert_actions(t):
+                env.step(action)
+                scores.append(round(100 * env.simulator.call("getScore")))
+            assert (t.meta["start_score"], t.meta["scores"]) == (start, scores)
+            assert cover == subgoal_groups(scores, start)
+    # the first load of a fresh simulator; its starting state gives 8 points (no cut after the first action)
+    assert trajectories[0].meta["scores"] == [8, 17, 17, 67, 75, 75, 75, 75, 83, 100]
+    assert reference[0] == [(0, 1), (2, 3), (4, 4), (5, 8), (9, 9)]
 
 
 def test_gold_command_output(capsys):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -31,6 +32,7 @@ from hpl_lightning.segmentation import (
     parse_ranges,
     repair_cover,
     segment_stats,
+    subgoal_groups,
     task_statement,
     threshold_groups,
     trajectory_steps,
@@ -190,6 +192,31 @@ def test_uncertainty_segmenter_sources_and_dataset_threshold() -> None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # similarity thresholds and Jaccard
+
+
+@pytest.mark.parametrize(
+    "scores,start,expected",
+    [
+        ([0, 5, 5, 10, 10, 100], 0, [(0, 1), (2, 3), (4, 5)]),  # cut after each raising action
+        ([8, 17, 17, 67, 100], 0, [(0, 0), (1, 1), (2, 3), (4, 4)]),  # the first action raised it
+        ([8, 8, 17], 8, [(0, 2)]),  # points for the starting state are no cut
+        ([5, 3, 5, 100], 0, [(0, 0), (1, 2), (3, 3)]),  # a raise after a drop is a raise
+        ([0, 0, 100, 100], 0, [(0, 2), (3, 3)]),  # actions after the last raise: the last group
+        ([100], 0, [(0, 0)]),
+    ],
+)
+def test_subgoal_groups(scores: list, start: int, expected: list) -> None:
+    assert subgoal_groups(scores, start) == expected
+
+
+def test_subgoal_segmenter_reads_the_scores_and_needs_them() -> None:
+    steps = [(f"Action: a{i}", "o") for i in range(4)]
+    t = make_trajectory("t", "task", steps, scores=[0, 40, 40, 100], start_score=0)
+    assert build_segmenter("subgoal").segment(t) == [(0, 1), (2, 3)]
+    for meta in ({}, {"scores": [0, 40, 100], "start_score": 0}, {"scores": [0, 40, 40, 100]}):
+        with pytest.raises(ValueError, match="'t': the subgoal segmenter needs the simulator's score after each of "
+                                             "its 4 actions"):
+            build_segmenter("subgoal").segment(make_trajectory("t", "task", steps, **meta))
 
 
 def test_threshold_groups_min_and_max() -> None:
@@ -438,7 +465,8 @@ def test_llm_retries_server_errors_and_fails_fast_on_client_errors(fake_server: 
 
 
 def test_build_segmenter_by_name_and_config_errors() -> None:
-    assert set(SEGMENTERS) == {"fixed_n", "fixed_k", "uncertainty", "semantic_llm", "semantic_embedding", "jaccard"}
+    assert set(SEGMENTERS) == {"fixed_n", "fixed_k", "uncertainty", "semantic_llm", "semantic_embedding", "jaccard",
+                               "subgoal"}
     assert build_segmenter("fixed_n", {"n_groups": 2}).config.n_groups == 2
     with pytest.raises(ValueError, match="unknown config keys"):
         build_segmenter("fixed_k", {"k": 3})
@@ -460,9 +488,11 @@ def test_every_segmenter_gives_valid_covers_on_real_trajectories(
     segmenters["uncertainty_close"] = build_segmenter("uncertainty", {"placement": "close"}, entropies=entropies)
     segmenters["semantic_llm"] = llm(fake_server)
     segmenters["semantic_embedding"] = embedder
+    scored = [replace(t, meta={"scores": [10 * (i % 3) for i in range(n_actions(t))], "start_score": 0}) for t in real]
+    segmenters["subgoal"] = build_segmenter("subgoal")
     assert {type(s).name for s in segmenters.values()} == set(SEGMENTERS)
     for name, seg in segmenters.items():
-        for t, cover in zip(real, seg.segment_many(real)):
+        for t, cover in zip(real, seg.segment_many(scored if name == "subgoal" else real)):
             validate_cover(cover, n_actions(t))
     s = segmenters["semantic_llm"].stats
     assert (s.repaired, s.rejected, s.valid) == (1, 1, len(real) - 2)

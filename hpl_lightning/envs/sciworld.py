@@ -329,6 +329,12 @@ class SciWorldEnv(Environment):
         info = {**ep.last.info, "replayed": replayed, "replay_seconds": time.perf_counter() - t0}
         return StepResult(ep.last.observation, ep.last.reward, ep.last.done, info)
 
+    @property
+    def score(self) -> int | None:
+        """The simulator's score now (0-100; after ``reset``, the points the starting state already gives), None
+        outside an episode."""
+        return None if self._episode is None else self._episode.last.info["score"]
+
     def memory_bytes(self) -> int | None:
         return self.simulator.memory_bytes()
 
@@ -394,6 +400,7 @@ class GoldRun:
     gold: list[str]
     first_observation: str
     steps: list[tuple[str, StepResult]]  # (action, result) as played; stops when the episode ends
+    start_score: int = 0  # the simulator's score before the first action
 
     @property
     def success(self) -> bool:
@@ -416,7 +423,8 @@ class GoldRun:
         messages = initial_messages(env, self.task, self.first_observation)
         for action, result in self.steps:
             messages += [{"role": "assistant", "content": f"Action: {action}"}, observation_message(result.observation)]
-        meta = {**self.task.meta, "source": "gold", "score": self.score, "gold_length": len(self.gold)}
+        meta = {**self.task.meta, "source": "gold", "score": self.score, "gold_length": len(self.gold),
+                "start_score": self.start_score, "scores": [r.info["score"] for _, r in self.steps]}
         return Trajectory(self.task.id, self.task.id, messages, self.reward, meta)
 
 
@@ -429,13 +437,14 @@ def play_gold(env: SciWorldEnv, variation: tuple[str, int]) -> GoldRun:
     gold = env.gold_actions(Task(task_id(*variation), ""))
     task = env.task(*variation)  # description cached by gold_actions: no extra load
     first = env.reset(task)
+    start_score = env.score
     steps: list[tuple[str, StepResult]] = []
     for action in gold:
         result = env.step(action)
         steps.append((" ".join(action.split()), result))
         if result.done:
             break
-    return GoldRun(task, gold, first, steps)
+    return GoldRun(task, gold, first, steps, start_score)
 
 
 def _progress(total: int, desc: str) -> tqdm:

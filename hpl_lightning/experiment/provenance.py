@@ -20,7 +20,6 @@ import hashlib
 import importlib.metadata
 import importlib.util
 import json
-import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -226,19 +225,3 @@ def changes(recorded: dict[str, Any], current: dict[str, Any]) -> str:
              if v != current["versions"].get(k)]
     what += [f"input {k} changed" for k, v in recorded.get("inputs", {}).items() if v != current["inputs"].get(k)]
     return "; ".join(what) or "made by other code"
-
-
-def revision(path: Path) -> dict[str, Any] | None:
-    """The checkout's commit and whether tracked files other than ``path`` differ from it (None outside git)."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], capture_output=True, text=True, check=True, cwd=Path.cwd()).stdout.strip()
-
-    try:
-        head = git("rev-parse", "--short=12", "HEAD")
-        top = Path(git("rev-parse", "--show-toplevel"))
-        resolved = path.resolve()
-        exclude = ([f":(exclude,top){resolved.relative_to(top)}"] if resolved.is_relative_to(top) else [])
-        dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ":/", *exclude))
-    except (OSError, subprocess.CalledProcessError):
-        return None
-    return {"commit": head, "dirty": dirty}

@@ -23,12 +23,12 @@ from hpl_lightning.experiment.kinds import KINDS, StageKind, by_name, matches
 from hpl_lightning.experiment.plan import Plan, Stage, build_plan, sciworld_protocol
 from hpl_lightning.experiment.processes import release_device
 from hpl_lightning.experiment.publishing import publish, published_dir, published_record, restore, stage_records
-from hpl_lightning.experiment.provenance import Provenance, changes, revision
+from hpl_lightning.experiment.provenance import Provenance, changes
 from hpl_lightning.experiment.records import DONE_FILE, read_record, write_record
 from hpl_lightning.experiment.settings import Experiment
 from hpl_lightning.experiment.shards import Shard, shard_dir
 from hpl_lightning.experiment.status import Status, current_provenance, describe_plan, status
-from hpl_lightning.results import machine, write_results
+from hpl_lightning.results import machine, revision, revision_text, write_results
 
 KILL_AFTER_ENV = "HPL_EXPERIMENT_KILL_AFTER"  # testing hook: SIGKILL the runner after this many stages ran
 
@@ -164,22 +164,16 @@ def report(exp: Experiment, plan: Plan, command: str | None, state: Status) -> d
         seconds[st.kind] += sum(r["seconds"] for r in records)
         machines.update({r.get("machine", "not recorded (finished before the runner recorded machines)")
                          for r in records})  # a stage sharded over several machines counts on each
-        commits[st.kind].update({_commit(r.get("revision")) for r in records})
+        commits[st.kind].update({revision_text(r.get("revision")) for r in records})
     stale = [{"arm": arm, "seed": seed, "split": split} for (arm, seed, split), st in plan.evals.items()
              if any(s.key in state.stale for s in _ancestry(st))]
-    provenance = {"command": command, "revision": _commit(revision(exp.results_dir)), "report_machine": machine(),
+    provenance = {"command": command, "revision": revision_text(revision(exp.results_dir)), "report_machine": machine(),
                   "stage_machines": dict(machines), "stage_commits": {k: dict(v) for k, v in commits.items()},
                   "built_on_stale": stale}
     return write_results(exp.results_dir, title, exp.arm_names, exp.benchmark.eval_splits, evals,
                          exp.evaluation.confidence, config, dict(seconds),
                          [n.read_text(encoding="utf-8") for n in exp.report_notes], exp.evaluation.baselines,
                          provenance)
-
-
-def _commit(rev: dict[str, Any] | None) -> str:
-    if rev is None:
-        return "not recorded (finished before the runner recorded commits)"
-    return rev["commit"] + (" + uncommitted changes" if rev["dirty"] else "")
 
 
 def _ancestry(st: Stage) -> list[Stage]:
