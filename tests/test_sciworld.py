@@ -19,10 +19,12 @@ from hpl_lightning.schema import load_records
 
 pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="ScienceWorld's simulator needs a Java runtime")
 
+from hpl_lightning.envs import sciworld  # noqa: E402
 from hpl_lightning.envs.pool import EnvPool  # noqa: E402
 from hpl_lightning.envs.sciworld import (  # noqa: E402
     DEFAULT_SPLITS,
     SciWorldEnv,
+    Simulator,
     SciWorldSplits,
     gold,
     gold_experts,
@@ -96,6 +98,12 @@ def test_gold_path_reward_and_step_budget(split, task_name, variation, fits):
         assert run.success is fits
         assert len(run.steps) <= run.task.meta["max_steps"]
         assert run.steps[-1][1].info["truncated"] is (not fits)
+
+
+def test_a_jvm_that_ignores_the_determinism_options_is_refused(monkeypatch):
+    monkeypatch.setattr(sciworld, "DETERMINISTIC_JAVA_OPTS", ())  # as a JVM that ignored them would run
+    with pytest.raises(EnvironmentCrashed, match="would not be deterministic"):
+        Simulator()
 
 
 def test_killed_simulator_is_restarted_and_episode_replayed():

@@ -54,7 +54,7 @@ from hpl_lightning.schema import Trajectory, append_jsonl, to_json
 
 BENCHMARK = "sciworld"
 DEFAULT_SPLITS = Path(__file__).resolve().parents[3] / "shared" / "data" / "sciworld" / "splits.json"
-LIFTED_MAX_TURNS = 500  # "no budget": well above the longest gold path (168 actions)
+LIFTED_MAX_TURNS = 500  # "no budget": well above the longest gold path (182 actions on the test split)
 DEFAULT_JAVA_OPTS = ("-Xmx1g", "-XX:+UseSerialGC")  # the JVM default heap grows past 3 GB RSS per simulator
 # always added (last, so java_opts cannot undo them): identity hashes all equal, hash sets iterate in insertion order
 DETERMINISTIC_JAVA_OPTS = ("-XX:+UnlockExperimentalVMOptions", "-XX:hashCode=2")
@@ -168,9 +168,15 @@ class Simulator:
                 )
                 self._server = self._gateway.jvm.scienceworld.runtime.pythonapi.PythonInterface()
                 self._search_cache = self._gateway.jvm.scienceworld.goldagent.PathFinder.precomputedExhaustivePaths()
+                jvm = self._gateway.jvm.java.lang
+                hashes = {jvm.System.identityHashCode(jvm.Object()) for _ in range(2)}
             except (Py4JError, OSError, ValueError) as e:
                 self._kill_locked()
                 raise EnvironmentCrashed(f"could not start the ScienceWorld JVM: {e}") from e
+            if len(hashes) != 1:
+                self._kill_locked()
+                raise EnvironmentCrashed(f"this JVM ignores {' '.join(DETERMINISTIC_JAVA_OPTS)} (is it not HotSpot?): "
+                                         "ScienceWorld would not be deterministic; use an OpenJDK (HotSpot) runtime")
             atexit.register(self.kill)
 
     def call(self, method: str, *args: Any) -> Any:
