@@ -203,6 +203,10 @@ def evaluate(
             _run(policy, pool, spec, todo, path, records, retries, max_failures_in_a_row, stats, bar)
         memory = [getattr(env, "memory_bytes", lambda: None)() for env in pool.envs]
     wall = time.perf_counter() - t0
+    # episodes were appended as they finished, an order that depends on the pool size and the machine's load
+    position = {t.id: i for i, t in enumerate(tasks)}
+    records.sort(key=lambda r: position.get(r.id, len(position)))
+    write_jsonl(path, [asdict(r) for r in records])
     run = {**asdict(stats), "wall_seconds": wall, "workers": pool.size,
            "env_steps_per_second": stats.env_steps / wall if wall else 0.0,
            "env_memory_bytes": [m for m in memory if m is not None]}

@@ -242,8 +242,9 @@ def count_plans(experts: Sequence[Trajectory], config: ExploreConfig) -> int:
 
 # ------------------------------------------------------------------------------------------------ the loop
 def read_rollouts(path: Path) -> dict[str, Rollout]:
-    """Finished rollouts by key. A last line without its newline (a write cut short by a kill, or one in progress)
-    is not a finished rollout and is skipped; any other bad line raises DataError naming it."""
+    """Finished rollouts by key, in key order: the file's order (finish order) depends on the pool size and the
+    machine's load, and pairs are built in this order. A last line without its newline (a write cut short by a kill,
+    or one in progress) is not a finished rollout and is skipped; any other bad line raises DataError naming it."""
     if not path.exists():
         return {}
     out: dict[str, Rollout] = {}
@@ -264,7 +265,7 @@ def read_rollouts(path: Path) -> dict[str, Rollout]:
                     raise DataError(path, lineno, name, f"unknown field of a rollout (expected {sorted(known)})")
             r = Rollout(**obj)
             out[r.key] = r
-    return out
+    return dict(sorted(out.items()))
 
 
 def repair_partial_line(path: Path) -> int:

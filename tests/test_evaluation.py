@@ -251,6 +251,33 @@ def test_an_episode_that_raises_is_recorded_as_failed_and_the_evaluation_goes_on
     assert summary["failed"] == 1 and summary["n"] == 5
 
 
+class LingeringGoldSqlPolicy(GoldSqlPolicy):
+    """``GoldSqlPolicy`` that first runs ``SELECT 1`` three times on one task, so that episode finishes last."""
+
+    def __init__(self, lingering: str):
+        super().__init__()
+        self.lingering = lingering
+
+    def generate(self, conversations: list[Conversation]) -> list[str]:
+        out = super().generate(conversations)
+        for i, c in enumerate(conversations):
+            if c[2]["content"] == self.lingering and len(c) <= 3 + 2 * 3:
+                out[i] = ("Thought: look first\nAction: execute[SELECT 1]" if len(c) < 3 + 2 * 3
+                          else f"Thought: gold\nAction: execute[{self.gold[self.lingering]}]")
+        return out
+
+
+@pytest.mark.mysql
+def test_episodes_are_written_in_task_order_whatever_finishes_first(mysql_url: str, tmp_path: Path) -> None:
+    """The finish order depends on the pool size and the machine's load; the episode file does not."""
+    policy = LingeringGoldSqlPolicy(IntercodeSqlEnv().task(0).description)
+    summary = evaluate(policy, "intercode_sql", "test", tmp_path, workers=2, task_ids=POKER_TEST_TASKS[:3],
+                       env_kwargs={"db_url": mysql_url}, progress=False)
+    records = read_episodes(tmp_path / EPISODES_FILE)
+    assert [r.id for r in records] == POKER_TEST_TASKS[:3] and summary["n"] == 3
+    assert [r.turns for r in records] == [5, 2, 2] and all(r.reward == 1.0 for r in records)
+
+
 @pytest.mark.mysql
 @pytest.mark.slow
 def test_killed_evaluation_resumes_without_redoing(mysql_url: str, tmp_path: Path) -> None:

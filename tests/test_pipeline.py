@@ -10,6 +10,8 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -310,6 +312,31 @@ def test_rollouts_record_the_score_after_each_action_where_the_env_gives_one(tmp
     (try_at_1,) = [r for r in scored.values() if r.index == 1 and r.role == "try"]
     assert try_at_1.actions == ["a3"] and try_at_1.meta == {"scores": [50]}
     assert unscored and all(r.meta == {} for r in unscored.values())
+
+
+def test_pool_map_yields_in_input_order_whatever_finishes_first() -> None:
+    """Item 0 finishes last (it waits until item 3 is done, on the other environment): the results still come in
+    input order, so records written from them do not depend on the pool size or the machine's load."""
+    last_done = threading.Event()
+
+    def play(env: RaisingEnv, item: int) -> int:
+        if item == 0:
+            assert last_done.wait(timeout=60)  # an upper bound only
+        elif item == 3:
+            last_done.set()
+        return item * 10
+
+    with EnvPool(RaisingEnv, 2) as pool:
+        assert list(pool.map(play, [0, 1, 2, 3])) == [(0, 0), (1, 10), (2, 20), (3, 30)]
+
+
+def test_rollouts_are_read_in_key_order(tmp_path: Path) -> None:
+    """The rollout file is in finish order; pairs are built in key order, the same for any number of envs."""
+    path = tmp_path / "rollouts.jsonl"
+    finished = [_roll("step", 1, "proposal", 0, 1.0), _roll("trajectory", 0, "agent", 0, 0.0),
+                _roll("step", 0, "expert_mc", 1, 1.0)]
+    path.write_text("".join(json.dumps(asdict(r)) + "\n" for r in finished))
+    assert list(read_rollouts(path)) == sorted(r.key for r in finished)
 
 
 # ------------------------------------------------------------------------------------------------ helpers

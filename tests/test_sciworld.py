@@ -19,10 +19,12 @@ from hpl_lightning.schema import load_records
 
 pytestmark = pytest.mark.skipif(shutil.which("java") is None, reason="ScienceWorld's simulator needs a Java runtime")
 
+from hpl_lightning.envs import sciworld  # noqa: E402
 from hpl_lightning.envs.pool import EnvPool  # noqa: E402
 from hpl_lightning.envs.sciworld import (  # noqa: E402
     DEFAULT_SPLITS,
     SciWorldEnv,
+    Simulator,
     SciWorldSplits,
     gold,
     gold_experts,
@@ -97,6 +99,12 @@ def test_gold_path_reward_and_step_budget(split, task_name, variation, fits):
         assert run.success is fits
         assert len(run.steps) <= run.task.meta["max_steps"]
         assert run.steps[-1][1].info["truncated"] is (not fits)
+
+
+def test_a_jvm_that_ignores_the_determinism_options_is_refused(monkeypatch):
+    monkeypatch.setattr(sciworld, "DETERMINISTIC_JAVA_OPTS", ())  # as a JVM that ignored them would run
+    with pytest.raises(EnvironmentCrashed, match="would not be deterministic"):
+        Simulator()
 
 
 def test_killed_simulator_is_restarted_and_episode_replayed():
@@ -237,7 +245,17 @@ def test_subgoal_reference_cuts_where_the_simulator_raised_the_score():
     assert reference[0] == [(0, 1), (2, 3), (4, 4), (5, 8), (9, 9)]
 
 
+# (score, actions played, gold path length) of the first test variations, the same on every run (3 runs of the
+# whole test split with 1 and 2 workers in two orders: docs/environments.md). Before the simulator was made
+# deterministic, boil/22 scored 78 or 100 depending on what its JVM had run before.
+GOLD_TEST_FIRST = {"sciworld/boil/21": (100, 87, 90), "sciworld/boil/22": (100, 172, 174),
+                   "sciworld/boil/23": (100, 99, 102)}
+
+
 def test_gold_command_output(capsys):
-    summary = gold("sciworld", "test", limit=3)
-    assert summary["total"] == 3 and summary["success"] == 3
+    """Two simulators, so one plays a second variation after another, and a shuffled order: the results must not
+    depend on which JVM plays what, after what."""
+    summary = gold("sciworld", "test", limit=3, workers=2, shuffle_seed=0)
+    played = {tid: (r["score"], r["actions"], r["gold_length"]) for tid, r in summary["results"].items()}
+    assert played == GOLD_TEST_FIRST
     assert capsys.readouterr().out.rstrip().splitlines()[-1] == "success: 3/3"

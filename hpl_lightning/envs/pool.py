@@ -11,7 +11,7 @@ from __future__ import annotations
 import atexit
 import queue
 import traceback
-from concurrent.futures import Future, ThreadPoolExecutor, as_completed, wait
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Callable, Generic, Iterable, Iterator, Mapping, TypeVar
 
 from hpl_lightning.envs.base import Environment, EnvironmentCrashed
@@ -58,9 +58,12 @@ class EnvPool(Generic[E]):
         return len(self.envs)
 
     def map(self, fn: Callable[[E, T], R], items: Iterable[T]) -> Iterator[tuple[T, R | EnvironmentCrashed]]:
-        """Yields ``(item, fn(env, item))`` as episodes finish (not in input order); a crash is yielded, not raised.
+        """Yields ``(item, fn(env, item))`` in input order; a crash is yielded, not raised.
 
-        Any other exception is a bug and propagates. Leaving the loop early cancels the items not yet started.
+        Input order, not completion order (which depends on the pool size and the machine's load): records written
+        from the results come out the same on every run, so seeded shuffles downstream see the same list. An episode
+        that finishes early waits for those before it. Any other exception is a bug and propagates. Leaving the loop
+        early cancels the items not yet started.
         """
         free: queue.SimpleQueue[E] = queue.SimpleQueue()
         for env in self.envs:
@@ -73,15 +76,15 @@ class EnvPool(Generic[E]):
             finally:
                 free.put(env)
 
-        futures: dict[Future[R], T] = {self._executor.submit(run, item): item for item in items}
+        futures: list[tuple[T, Future[R]]] = [(item, self._executor.submit(run, item)) for item in items]
         try:
-            for future in as_completed(futures):
+            for item, future in futures:
                 try:
-                    yield futures[future], future.result()
+                    yield item, future.result()
                 except EnvironmentCrashed as e:
-                    yield futures[future], e
+                    yield item, e
         finally:
-            for future in futures:
+            for _, future in futures:
                 future.cancel()
 
     def each(self, calls: Mapping[int, Callable[[E], R]]) -> dict[int, R | EnvironmentCrashed]:

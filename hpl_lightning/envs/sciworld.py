@@ -5,20 +5,29 @@ budget per task type; reward = best score seen in the episode / 100, success = s
 
 The simulator is a JVM reached through py4j. It can die or hang, and it cannot snapshot its state, so the environment
 remembers the actions of the current episode: when a call fails or exceeds ``call_timeout``, the JVM is killed and
-restarted, the episode is replayed (checking that the score follows the same path) and the call is retried. Only
+restarted, the episode is replayed (checking that every answer is the same as before) and the call is retried. Only
 when that fails ``restarts`` times does the caller get ``EnvironmentCrashed``, naming the reason — never a reward
 computed on a wrong state. JVMs are started with ``die_on_exit``: they exit when this Python process does, even on
 SIGKILL; ``close`` (also at interpreter exit) stops them earlier.
 
-The simulator is not perfectly deterministic (thermometer readings vary by a degree or two, objects inside a
-container may be listed in another order), so a replayed prefix reaches the same score path but not always
-byte-identical observations.
+Determinism: an episode and a gold path depend only on the task, the variation and the actions — not on what the
+JVM ran before, on timing, or on which worker plays them — so a replayed prefix gives byte-identical observations.
+ScienceWorld seeds its random generator from the variation on every load; two things it does not reset are fixed
+from here (see docs/environments.md, ScienceWorld):
+- a world's objects live in hash sets of objects without their own ``hashCode``, and a set's iteration order (objects
+  listed, ambiguity lists, the order heat flows between objects, the gold agent's choices) follows identity hashes,
+  which come from per-thread generators advanced by whatever the JVM did before. ``DETERMINISTIC_JAVA_OPTS`` give
+  every object the same identity hash, so a set iterates in insertion order;
+- the gold agent caches its room-search order per start room for the JVM's life, drawn from the random state of the
+  first variation that needed it: ``clear_gold_search_cache`` before each gold path.
 """
 
 from __future__ import annotations
 
 import atexit
+import hashlib
 import json
+import random
 import subprocess
 import threading
 import time
@@ -45,8 +54,10 @@ from hpl_lightning.schema import Trajectory, append_jsonl, to_json
 
 BENCHMARK = "sciworld"
 DEFAULT_SPLITS = Path(__file__).resolve().parents[3] / "shared" / "data" / "sciworld" / "splits.json"
-LIFTED_MAX_TURNS = 500  # "no budget": well above the longest gold path (168 actions)
+LIFTED_MAX_TURNS = 500  # "no budget": well above the longest gold path (182 actions on the test split)
 DEFAULT_JAVA_OPTS = ("-Xmx1g", "-XX:+UseSerialGC")  # the JVM default heap grows past 3 GB RSS per simulator
+# always added (last, so java_opts cannot undo them): identity hashes all equal, hash sets iterate in insertion order
+DETERMINISTIC_JAVA_OPTS = ("-XX:+UnlockExperimentalVMOptions", "-XX:hashCode=2")
 NO_MATCH = "No known action matches that input."
 X = TypeVar("X")
 
@@ -128,6 +139,7 @@ class Simulator:
         self._proc: Any = None
         self._gateway: JavaGateway | None = None
         self._server: Any = None
+        self._search_cache: Any = None
         self.start()
 
     @property
@@ -145,8 +157,8 @@ class Simulator:
             self._kill_locked()
             try:
                 port, self._proc = launch_gateway(
-                    classpath=JAR_PATH, cwd=BASEPATH, javaopts=list(self.java_opts), die_on_exit=True,
-                    create_new_process_group=True, return_proc=True,  # Ctrl-C reaches Python, which cleans up
+                    classpath=JAR_PATH, cwd=BASEPATH, javaopts=[*self.java_opts, *DETERMINISTIC_JAVA_OPTS],
+                    die_on_exit=True, create_new_process_group=True, return_proc=True,  # Ctrl-C reaches Python
                 )
                 self._gateway = JavaGateway(
                     gateway_parameters=GatewayParameters(
@@ -155,18 +167,34 @@ class Simulator:
                     java_process=self._proc,
                 )
                 self._server = self._gateway.jvm.scienceworld.runtime.pythonapi.PythonInterface()
+                self._search_cache = self._gateway.jvm.scienceworld.goldagent.PathFinder.precomputedExhaustivePaths()
+                jvm = self._gateway.jvm.java.lang
+                hashes = {jvm.System.identityHashCode(jvm.Object()) for _ in range(2)}
             except (Py4JError, OSError, ValueError) as e:
                 self._kill_locked()
                 raise EnvironmentCrashed(f"could not start the ScienceWorld JVM: {e}") from e
+            if len(hashes) != 1:
+                self._kill_locked()
+                raise EnvironmentCrashed(f"this JVM ignores {' '.join(DETERMINISTIC_JAVA_OPTS)} (is it not HotSpot?): "
+                                         "ScienceWorld would not be deterministic; use an OpenJDK (HotSpot) runtime")
             atexit.register(self.kill)
 
     def call(self, method: str, *args: Any) -> Any:
         """Calls the simulator's ``PythonInterface.<method>``; on any failure kills the JVM and raises."""
-        server, proc = self._server, self._proc  # close() from another thread may clear them meanwhile
-        if server is None:
+        return self._call("_server", method, *args)
+
+    def clear_gold_search_cache(self) -> None:
+        """Empties the gold agent's room-search orders (``PathFinder.precomputedExhaustivePaths``). It draws the order
+        for a start room from the random state of the first variation that needs one and keeps it for the JVM's life,
+        so without this a gold path depends on which variations the JVM generated gold paths for before."""
+        self._call("_search_cache", "clear")
+
+    def _call(self, target_attr: str, method: str, *args: Any) -> Any:
+        target, proc = getattr(self, target_attr), self._proc  # close() from another thread may clear them meanwhile
+        if target is None:
             raise EnvironmentCrashed("simulator not running")
         try:
-            return getattr(server, method)(*args)
+            return getattr(target, method)(*args)
         except Py4JError as e:
             if isinstance(e, Py4JJavaError):
                 reason = f"Java error in {method}: {str(e.java_exception)[:300]}"
@@ -200,7 +228,7 @@ class Simulator:
                 self._proc.kill()
             self._proc.wait()
             self._proc.stdin.close()  # stdout belongs to py4j's reader thread, which ends at EOF
-        self._proc = self._gateway = self._server = None
+        self._proc = self._gateway = self._server = self._search_cache = None
 
     def close(self) -> None:
         with self._lock:
@@ -210,13 +238,14 @@ class Simulator:
 
 @dataclass
 class _Episode:
-    """What is needed to rebuild the simulator's state after a restart: the actions sent and the scores they gave."""
+    """What is needed to rebuild the simulator's state after a restart: the actions sent and what they gave."""
 
     task: Task
     max_turns: int
     last: StepResult
     actions: list[str] = field(default_factory=list)
     scores: list[int] = field(default_factory=list)
+    observations: list[str] = field(default_factory=list)
     best: int = 0
     turns: int = 0
 
@@ -296,6 +325,7 @@ class SciWorldEnv(Environment):
             valid = observation.strip() != NO_MATCH
             ep.actions.append(action)
             ep.scores.append(score)
+            ep.observations.append(observation)
         else:  # nothing to send: the simulator's state does not change
             observation = "Invalid action: no action given. Write one after 'Action:'."
             score, completed, valid = ep.last.info["score"], False, False
@@ -346,13 +376,16 @@ class SciWorldEnv(Environment):
     def _load(self, sim: Simulator, tid: str, gold: bool = False) -> tuple[list[str], str]:
         """Loads a variation outside any episode: (gold action sequence if ``gold``, task description)."""
         task_name, variation = parse_task_id(tid)
+        if gold:
+            sim.clear_gold_search_cache()
         sim.call("load", task_name, variation, self.protocol.simplification, gold)
         return (list(sim.call("getGoldActionSequence")) if gold else []), sim.call("getTaskDescription")
 
     def _start(self, sim: Simulator, tid: str) -> tuple[str, int]:
         task_name, variation = parse_task_id(tid)
+        # ETO called reset() after load: it reloads the same world (a no-op once identity hashes are fixed), and
+        # after any gold-path load in the JVM it also reruns the gold agent, so it is left out
         sim.call("load", task_name, variation, self.protocol.simplification, False)
-        sim.call("reset")  # as ETO (load, then reset): gold paths fit the step budgets more often with it
         observation = sim.call("step", "look around")  # score and state are stale until the first step
         return observation, round(100 * sim.call("getScore"))
 
@@ -362,14 +395,16 @@ class SciWorldEnv(Environment):
         return observation, round(100 * sim.call("getScore")), bool(sim.call("getCompleted"))
 
     def _replay(self, sim: Simulator, ep: _Episode) -> None:
-        """Rebuilds ``ep`` on a fresh JVM; a different score path means a different state: fail, never go on."""
+        """Rebuilds ``ep`` on a fresh JVM; any different answer means a different state: fail, never go on."""
         self._start(sim, ep.task.id)
-        for i, (action, expected) in enumerate(zip(ep.actions, ep.scores)):
-            _, score, _ = self._act(sim, action)
-            if score != expected:
+        for i, (action, score, observation) in enumerate(zip(ep.actions, ep.scores, ep.observations)):
+            again, score_again, _ = self._act(sim, action)
+            if (again, score_again) != (observation, score):
                 sim.kill()
-                raise EnvironmentCrashed(f"replay after restart diverged at action {i} ({action!r}): "
-                                         f"score {score}, was {expected}")
+                raise EnvironmentCrashed(
+                    f"replay after restart diverged at action {i} ({action!r}): score {score_again}, was {score}; "
+                    f"observation {again[:80]!r}, was {observation[:80]!r}"
+                )
 
     def _run(self, fn: Callable[[Simulator], X], what: str) -> X:
         """``fn(simulator)``; when the JVM fails, restart it, replay the episode and try again (``restarts`` times)."""
@@ -418,6 +453,14 @@ class GoldRun:
         """Number of actions after which the score first reached 100."""
         return next((i + 1 for i, (_, r) in enumerate(self.steps) if r.info["success"]), None)
 
+    def result(self) -> dict[str, Any]:
+        """What a run's report keeps of it: score, lengths and a digest of every observation (to compare runs)."""
+        seen = hashlib.sha1(self.first_observation.encode())
+        for action, step in self.steps:
+            seen.update(f"\0{action}\0{step.observation}".encode())
+        return {"score": self.score, "actions": len(self.steps), "gold_length": len(self.gold),
+                "first_success": self.first_success(), "observations_sha1": seen.hexdigest()[:12]}
+
     def trajectory(self, env: Environment) -> Trajectory:
         """The data contract's record: ReAct turns with the action only (thoughts are optional in expert data)."""
         messages = initial_messages(env, self.task, self.first_observation)
@@ -431,8 +474,8 @@ class GoldRun:
 def play_gold(env: SciWorldEnv, variation: tuple[str, int]) -> GoldRun:
     """Plays a variation's gold path until the episode ends (completed, failed, or out of budget).
 
-    The gold path is generated first: it depends on what the JVM loaded before (ScienceWorld's generator is not
-    history-free), and this order reproduces ETO's figures most closely.
+    The gold path is ScienceWorld's own agent playing the variation; like the episode it depends only on the
+    variation (see the module's docstring on determinism).
     """
     gold = env.gold_actions(Task(task_id(*variation), ""))
     task = env.task(*variation)  # description cached by gold_actions: no extra load
@@ -458,12 +501,16 @@ def gold(
     workers: int = 1,
     limit: int | None = None,
     splits: str = str(DEFAULT_SPLITS),
+    shuffle_seed: int | None = None,
+    output: str | None = None,
 ) -> dict[str, Any]:
     """Plays every gold path of a split through the environment: checks the environment (rewards, protocol).
 
     With the step budget lifted (default) it counts the gold paths that reach score 100; with ``step_budget`` it
     counts those that reach it within ETO's per-task budget, i.e. how much of the expert data an evaluation episode
-    could reproduce. Prints a table per task type and ends with ``success: MATCHED/TOTAL``.
+    could reproduce. Prints a table per task type, a digest of every variation's result and ends with
+    ``success: MATCHED/TOTAL``. The environment is deterministic, so the digest is the same whatever ``workers`` and
+    ``shuffle_seed``: comparing it across runs checks that.
 
     Args:
         benchmark: only "sciworld" has gold paths.
@@ -472,36 +519,50 @@ def gold(
         workers: simulator processes (JVMs) in parallel.
         limit: only the first ``limit`` variations of the split.
         splits: path of ``splits.json``.
+        shuffle_seed: play the variations in an order shuffled with this seed (default: the split's order); the
+            report keeps the split's order.
+        output: also write the summary with every variation's result (``results``) to this JSON file.
     """
     if benchmark != BENCHMARK:
         raise ValueError(f"gold paths exist only for {BENCHMARK!r}, not {benchmark!r}")
     variations = SciWorldSplits.load(splits).variations(split, limit)
-    per_type: dict[str, Counter[str]] = {}
-    failed: dict[str, str] = {}
-    fits = steps = 0
+    order = list(variations)
+    if shuffle_seed is not None:
+        random.Random(shuffle_seed).shuffle(order)
+    runs: dict[tuple[str, int], GoldRun | EnvironmentCrashed] = {}
     t0 = time.perf_counter()
     with EnvPool(lambda: SciWorldEnv(splits, step_budget=step_budget), workers) as pool, _progress(
-        len(variations), f"gold {split}"
+        len(order), f"gold {split}"
     ) as bar:
-        for (name, variation), run in pool.map(play_gold, variations):
-            counts = per_type.setdefault(name, Counter())
-            counts["total"] += 1
+        for variation, run in pool.map(play_gold, order):
+            runs[variation] = run
             bar.update()
-            if isinstance(run, EnvironmentCrashed):
-                failed[task_id(name, variation)] = f"crashed: {run}"
-                continue
-            steps += len(run.steps)
-            reached = run.first_success()
-            fits += reached is not None and reached <= run.task.meta["max_steps"]
-            if run.success:
-                counts["success"] += 1
-            else:
-                failed[run.task.id] = f"score {run.score} after {len(run.steps)} of {len(run.gold)} gold actions"
         memory = [env.memory_bytes() or 0 for env in pool.envs]  # a JVM's heap hardly shrinks: ~ its peak
         restarts = sum(env.restart_count for env in pool.envs)
     wall = time.perf_counter() - t0
+    per_type: dict[str, Counter[str]] = {}
+    failed: dict[str, str] = {}
+    results: dict[str, dict[str, Any]] = {}
+    fits = steps = 0
+    for variation in variations:
+        run, tid = runs[variation], task_id(*variation)
+        counts = per_type.setdefault(variation[0], Counter())
+        counts["total"] += 1
+        if isinstance(run, EnvironmentCrashed):
+            failed[tid] = f"crashed: {run}"
+            results[tid] = {"error": str(run)}
+            continue
+        results[tid] = run.result()
+        steps += len(run.steps)
+        reached = run.first_success()
+        fits += reached is not None and reached <= run.task.meta["max_steps"]
+        if run.success:
+            counts["success"] += 1
+        else:
+            failed[tid] = f"score {run.score} after {len(run.steps)} of {len(run.gold)} gold actions"
     matched = sum(c["success"] for c in per_type.values())
     total = len(variations)
+    digest = hashlib.sha1(json.dumps(results, sort_keys=True).encode()).hexdigest()[:12]
     print(f"ScienceWorld gold paths, split {split}, step budget {'applied' if step_budget else 'lifted'}:")
     for name in sorted(per_type):
         print(f"  {name:<50} {per_type[name]['success']:>4}/{per_type[name]['total']}")
@@ -511,13 +572,17 @@ def gold(
         print(f"within the step budget: {fits}/{total}")
     print(f"wall time {wall:.1f} s, {steps} environment steps, {steps / wall:.1f} steps/s, {workers} worker(s), "
           f"simulator memory {max(memory) / 2**20:.0f} MiB max, {restarts} restart(s)")
+    print(f"results digest {digest} (every variation's score, actions and observations)")
     print(f"success: {matched}/{total}")
-    return {
+    summary = {
         "split": split, "step_budget": step_budget, "success": matched, "total": total,
         "within_budget": fits, "failed": failed, "wall_seconds": wall, "steps": steps,
-        "steps_per_second": steps / wall, "workers": workers, "simulator_memory_bytes": max(memory),
-        "restarts": restarts,
+        "steps_per_second": steps / wall, "workers": workers, "shuffle_seed": shuffle_seed,
+        "simulator_memory_bytes": max(memory), "restarts": restarts, "digest": digest, "results": results,
     }
+    if output is not None:
+        Path(output).write_text(json.dumps(summary, indent=1) + "\n")
+    return summary
 
 
 def _completed_ids(path: Path) -> set[str]:
