@@ -11,8 +11,6 @@ request's key (rollout and turn), so a sample does not depend on the other episo
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Sequence
@@ -23,7 +21,7 @@ from transformers import DynamicCache
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 from transformers.generation.stopping_criteria import StopStringCriteria
 
-from hpl_lightning.policies import Conversation, LocalPolicy, request_seed, truncate_at_stop
+from hpl_lightning.policies import Conversation, LocalPolicy, request_keys, request_seed, truncate_at_stop
 
 # Prompt tokens kept before the generated ones when checking stop strings: a stop string may begin in the prompt,
 # as generate's StopStringCriteria sees it.
@@ -46,28 +44,17 @@ def common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
     return int(differ[0]) if len(differ) else n
 
 
-def request_keys(conversations: list[Conversation], sent: Counter) -> list[str]:
-    """Stable keys for keyless requests: the conversation's digest and how often it was sent before (``sent``
-    counts), so repeated prompts still get different samples and a re-run of the same calls the same ones."""
-    keys = []
-    for messages in conversations:
-        digest = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()
-        keys.append(f"{digest}#{sent[digest]}")
-        sent[digest] += 1
-    return keys
-
-
 class PrefixCachePolicy(LocalPolicy):
     """:class:`LocalPolicy` with the same prompts (window and truncation) and stops, computed incrementally.
 
-    ``prefixes``: how many shared prefixes to keep besides the last call's episodes. ``encoded`` counts the tokens
-    written into a cache (prefill and decoding), for ``prefill_per_unique`` in ``benchmarks/rollout_speed.py``.
+    ``prefixes``: how many shared prefixes to keep besides the last call's episodes. ``prefilled`` counts the context
+    tokens fed to the model (decoding steps aside), for ``prefill_per_unique`` in ``benchmarks/rollout_speed.py``.
     """
 
     def __init__(self, *args: Any, prefixes: int = 4, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.prefixes = prefixes
-        self.encoded = 0
+        self.prefilled = 0
         self._episodes: list[CachedContext] = []  # the last call's conversations, one each
         self._shared: list[CachedContext] = []  # prefixes shared by the conversations of a call, newest last
         self._sent: Counter = Counter()
@@ -75,6 +62,10 @@ class PrefixCachePolicy(LocalPolicy):
 
     def describe(self) -> dict[str, Any]:
         return super().describe() | {"engine": "prefix-cache"}
+
+    def clear(self) -> None:
+        """Forgets every cached context (a benchmark's fresh start; the next call encodes its prefix again)."""
+        self._episodes, self._shared = [], []
 
     def generate(self, conversations: list[Conversation], keys: Sequence[str] | None = None) -> list[str]:
         if not conversations:
@@ -140,7 +131,7 @@ class PrefixCachePolicy(LocalPolicy):
             masks.append([0] * (past - reused) + [1] * reused + [0] * (width - new) + [1] * new)
             inputs.append(F.pad(ids[reused:], (width - new, 0), value=self.tokenizer.pad_token_id))
             positions.append(F.pad(torch.arange(reused, len(ids)), (width - new, 0), value=reused))
-            self.encoded += new
+            self.prefilled += new
         cache = DynamicCache(ddp_cache_data=[(torch.stack(keys[i]), torch.stack(values[i])) for i in range(layers)],
                              config=self.model.config)
         mask = torch.tensor(masks, device=self.device)
@@ -197,7 +188,6 @@ class PrefixCachePolicy(LocalPolicy):
             out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=lengths[:, None],
                              cache=cache, use_cache=True)
             cache, logits, lengths = out.cache, out.logits[:, -1].float(), lengths + 1
-            self.encoded += len(rows)
         texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
         return [truncate_at_stop(t, self.stop) for t in texts], [c for c in contexts if c is not None]
 

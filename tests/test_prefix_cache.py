@@ -57,7 +57,7 @@ def test_episodes_write_what_recomputing_writes_and_each_token_is_encoded_about_
     turns, recomputed, cut = run_episodes([cached, recompute])
     assert all(t.strip() for texts in turns for t in texts)  # the model writes something to compare
     assert cut >= 3  # the window overflowed: old turns were dropped
-    assert cached.encoded < recomputed / 2  # recomputation feeds each context again at every turn
+    assert cached.prefilled < recomputed / 2  # recomputation feeds each context again at every turn
 
 
 def test_a_stop_string_the_model_writes_cuts_the_turn_on_both_paths():
@@ -65,7 +65,8 @@ def test_a_stop_string_the_model_writes_cuts_the_turn_on_both_paths():
     stop = free[3:5]  # a string the tiny model writes mid-turn
     assert stop.strip()
     kwargs = dict(max_context=260, max_new_tokens=12, stop=[stop])
-    turns, _, _ = run_episodes([varied(PrefixCachePolicy("hpl-tiny", **kwargs)), varied(LocalPolicy("hpl-tiny", **kwargs))])
+    policies = [varied(PrefixCachePolicy("hpl-tiny", **kwargs)), varied(LocalPolicy("hpl-tiny", **kwargs))]
+    turns, _, _ = run_episodes(policies)
     assert turns[0][0] == free[:3]
 
 
@@ -73,7 +74,7 @@ def test_a_turn_ends_at_the_end_of_turn_token():
     policy = PrefixCachePolicy("hpl-tiny", max_new_tokens=50)
     force_next_token(policy, policy.tokenizer.convert_tokens_to_ids("<|im_end|>"))
     assert policy.generate([start(0), start(1)]) == ["", ""]
-    assert policy.encoded < sum(len(policy.prompt_ids(c)) for c in (start(0), start(1)))  # the head: once
+    assert policy.prefilled < sum(len(policy.prompt_ids(c)) for c in (start(0), start(1)))  # the head: once
 
 
 def test_a_sample_depends_on_its_key_not_on_its_batch():
