@@ -2,7 +2,8 @@
 matmuls of the decoding steps, and what ``generate`` adds per step on top of them.
 
 Conversations are the committed evaluation episodes of the ScienceWorld study cut after ``--turn`` observations
-(teacher-forced: no simulator runs). Each figure is the median of ``--repeats`` alternating runs.
+(teacher-forced: no simulator runs). Each figure is the median of ``--repeats`` runs, in wall seconds and in this
+process's CPU seconds (both threads): on a shared machine the wall time mostly measures the other processes.
 
     PYTHONPATH=$PWD nice -n 10 python benchmarks/turn_profile.py --model smollm2-135m-instruct --episodes 4
 """
@@ -30,14 +31,15 @@ def conversations(n: int, turn: int) -> list[list[dict[str, str]]]:
     return [r["messages"][: len(r["messages"]) - 2 * (r["turns"] - turn)] for r in rows]
 
 
-def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float, float]:
-    """Median, min and max seconds of ``repeats`` calls."""
-    times = []
+def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float, float, float]:
+    """Median, min and max wall seconds of ``repeats`` calls, and their median CPU seconds."""
+    times, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times), min(times), max(times)
+        cpu.append(time.process_time() - start_cpu)
+    return statistics.median(times), min(times), max(times), statistics.median(cpu)
 
 
 @torch.no_grad()
@@ -86,11 +88,11 @@ def main() -> None:
         "generate, no stop strings": timed(lambda: generate(False), args.repeats),
         "generate, stop strings": timed(lambda: generate(True), args.repeats),
     }
-    for name, (median, low, high) in figures.items():
-        print(f"{name}: {median:.2f} s (min {low:.2f}, max {high:.2f})")
-    loop = figures["prefill + bare loop"][0] - figures["prefill"][0]
-    print(f"per decoding step: matmuls {loop / (n - 1) * 1000:.0f} ms, generate overhead "
-          f"{(figures['generate, stop strings'][0] - figures['prefill + bare loop'][0]) / n * 1000:.0f} ms")
+    for name, (median, low, high, cpu) in figures.items():
+        print(f"{name}: {median:.2f} s wall (min {low:.2f}, max {high:.2f}), {cpu:.2f} s CPU", flush=True)
+    loop = figures["prefill + bare loop"][3] - figures["prefill"][3]
+    print(f"CPU per decoding step: forward {loop / (n - 1) * 1000:.0f} ms, generate's overhead "
+          f"{(figures['generate, stop strings'][3] - figures['prefill + bare loop'][3]) / n * 1000:.0f} ms")
 
 
 if __name__ == "__main__":
