@@ -26,6 +26,7 @@ from hpl_lightning.envs.sciworld import gold
 from hpl_lightning.errors import UsageError
 from hpl_lightning.evaluation import EvaluationAborted, evaluate
 from hpl_lightning.policies import MAX_NEW_TOKENS, LocalPolicy, OpenAIPolicy, Policy
+from hpl_lightning.prefix_cache import PrefixCachePolicy
 
 
 def run(
@@ -41,6 +42,7 @@ def run(
     max_new_tokens: int = MAX_NEW_TOKENS,
     max_context: int | None = None,
     reuse_cache: bool = False,
+    prefix_cache: bool = False,
     batch_size: int = 16,
     threads: int | None = None,
     dtype: str = "float32",
@@ -69,6 +71,8 @@ def run(
             statement are dropped to fit, as in training. A smaller cap makes CPU evaluation cheaper.
         reuse_cache: a local model continues each episode from its KV cache (one episode at a time) instead of
             one left-padded batch per turn that recomputes every context; pays off for long contexts on CPU.
+        prefix_cache: a local model runs ``PrefixCachePolicy``: per-episode KV caches, the prefix shared by all
+            episodes encoded once, every episode in flight in one batch (same greedy text; docs/evaluation-speed.md).
         batch_size: largest generate() batch of a local model (without ``reuse_cache``).
         threads: torch CPU threads while generating (1 is fastest for tiny models on a busy machine).
         dtype: local model weights (float32, bfloat16, float16).
@@ -83,8 +87,11 @@ def run(
         agent = OpenAIPolicy(policy, base_url=base_url, api_key=api_key, max_tokens=max_new_tokens,
                              concurrency=concurrency, timeout=timeout)
     else:
-        agent = LocalPolicy(policy, max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype,
-                            device=device, threads=threads, max_context=max_context, reuse_cache=reuse_cache)
+        if reuse_cache and prefix_cache:
+            raise UsageError("reuse_cache and prefix_cache are two cache paths: choose one")
+        local = PrefixCachePolicy if prefix_cache else LocalPolicy
+        agent = local(policy, max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype,
+                      device=device, threads=threads, max_context=max_context, reuse_cache=reuse_cache)
     kwargs = dict(env_kwargs or {})
     if benchmark == "intercode_sql":
         try:

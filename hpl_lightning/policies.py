@@ -50,6 +50,17 @@ def request_seed(seed: int, key: str) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{key}".encode()).digest()[:4], "big") & 0x7FFFFFFF
 
 
+def request_keys(conversations: list[Conversation], sent: Counter) -> list[str]:
+    """Stable keys for keyless requests: the conversation's digest and how often it was sent before (``sent``
+    counts), so repeated prompts still get different samples and a re-run of the same calls the same ones."""
+    keys = []
+    for messages in conversations:
+        digest = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()
+        keys.append(f"{digest}#{sent[digest]}")
+        sent[digest] += 1
+    return keys
+
+
 class Policy(ABC):
     """Writes one assistant turn per conversation; ``describe`` identifies it in results (resume checks)."""
 
@@ -79,7 +90,8 @@ class LocalPolicy(Policy):
     prefix), one conversation at a time: a turn costs the new observation's tokens plus its own decoding. Measured
     on 2 loaded cores, batching was faster for hpl-tiny at 3k-token contexts and SmolLM2-135M at 500; from the
     measured prefill and decoding rates the cache should win for SmolLM2-sized models past ~1.5k tokens of
-    context (docs/evaluation-speed.md).
+    context (docs/evaluation-speed.md). ``prefix_cache.PrefixCachePolicy`` has both: per-episode caches, the shared
+    prefix encoded once, all episodes in one batch.
     Greedy unless ``temperature`` > 0. ``seed`` makes sampling reproducible and initialises config-only models
     (hpl-tiny). ``threads`` caps torch's CPU threads while generating: small models on a busy CPU run many times
     faster on one thread than on threads that contend with other processes.
@@ -310,11 +322,7 @@ class OpenAIPolicy(Policy):
         if self.seed is None:
             return [None] * len(conversations)
         if keys is None:
-            keys = []
-            for messages in conversations:
-                digest = hashlib.sha256(json.dumps(messages, sort_keys=True).encode()).hexdigest()
-                keys.append(f"{digest}#{self._sent[digest]}")
-                self._sent[digest] += 1
+            keys = request_keys(conversations, self._sent)
         return [request_seed(self.seed, key) for key in keys]
 
     def complete(self, messages: Conversation, seed: int | None = None) -> str:
