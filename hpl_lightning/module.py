@@ -216,7 +216,8 @@ class HPLModule(L.LightningModule):
 
     # -- steps ---------------------------------------------------------------------------------------------------
     def _step(self, batch: dict[str, Any], stage: str) -> torch.Tensor | None:
-        """Training: this batch's share of the objective (:func:`~hpl_lightning.losses.objective_share`).
+        """Training: this batch's share of the objective (:func:`~hpl_lightning.losses.objective_share`);
+        validation/test: the batch's own objective (level means over the batch), None for a batch of fillers.
 
         Each level is a mean over its pairs in the whole optimizer step and ``L_BC`` a mean over the step's
         behaviour-cloning tokens, from the step's counts the data module puts in every batch (``step_counts``); the
@@ -271,8 +272,8 @@ class HPLModule(L.LightningModule):
             denominators["bc"] = (n_tokens * bc_rows).sum()
             table[ROWS.index("bc"), 0], counts[ROWS.index("bc")] = sums["bc"].detach(), denominators["bc"]
         self._level_sums(stage).update(table, counts)
-        if not train:
-            return None  # validation/test log their means over the whole split at its end
+        if not train:  # validation/test log their means over the whole split at its end; this is the batch's own
+            return objective_share(sums, denominators, asdict(self.weights)) if sums else None  # objective
         counts = dict(zip(STEP_COUNTS, batch["step_counts"]))
         denominators = {key: counts[level] for level, key in LEVEL_KEYS.items()}
         denominators["bc"] = counts["bc_tokens"] + hp.bc_on_chosen * counts["chosen_tokens"]
