@@ -443,15 +443,20 @@ def test_uncertainty_segmentation_computes_entropies_with_the_reference(tmp_path
     assert stats["fixed_k"]["trajectories"] == stats["uncertainty"]["trajectories"] == 3
 
 
-def test_uncertainty_segmentation_needs_an_explicit_reference_and_every_action_in_context(tmp_path: Path) -> None:
-    """No silent random-init reference; an action cut off by max_length is an error naming the record."""
+def test_uncertainty_segmentation_needs_an_explicit_reference_and_every_action_in_context(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """No silent random-init reference (a one-line error); an action cut off by max_length is an error naming the
+    record."""
     from hpl_lightning.pipeline import action_entropies
     from hpl_lightning.policies import LocalPolicy
 
     pipeline("import", "--input", str(RECORDINGS), "--output", str(tmp_path / "e.jsonl"), "--limit", "1")
-    with pytest.raises(ValueError, match="pass --reference"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
         pipeline("segment", "--input", str(tmp_path / "e.jsonl"), "--output", str(tmp_path / "s.jsonl"),
                  "--segmenter", "uncertainty")
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.startswith("error: segmenter uncertainty:") and "pass --reference" in err
     (expert, _), = load_records(tmp_path / "e.jsonl")
     with pytest.raises(ValueError, match=f"trajectory '{expert.id}': action 0 does not fit in max_length=64 tokens"):
         action_entropies(LocalPolicy("hpl-tiny"), expert, max_length=64)
