@@ -19,7 +19,8 @@ from here (see docs/environments.md, ScienceWorld):
   which come from per-thread generators advanced by whatever the JVM did before. ``DETERMINISTIC_JAVA_OPTS`` give
   every object the same identity hash, so a set iterates in insertion order;
 - the gold agent caches its room-search order per start room for the JVM's life, drawn from the random state of the
-  first variation that needed it: ``clear_gold_search_cache`` before each gold path.
+  first variation that needed it: ``Simulator.reset_gold_search`` puts every room's order in one fixed state before
+  each gold path.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ DEFAULT_JAVA_OPTS = ("-Xmx1g", "-XX:+UseSerialGC")  # the JVM default heap grows
 # always added (last, so java_opts cannot undo them): identity hashes all equal, hash sets iterate in insertion order
 DETERMINISTIC_JAVA_OPTS = ("-XX:+UnlockExperimentalVMOptions", "-XX:hashCode=2")
 NO_MATCH = "No known action matches that input."
+GOLD_SEARCH_WORLD = ("boil", 0)  # the world the gold agent's fixed room-search orders are computed in (any would do)
 X = TypeVar("X")
 
 INSTRUCTION = """\
@@ -139,7 +141,8 @@ class Simulator:
         self._proc: Any = None
         self._gateway: JavaGateway | None = None
         self._server: Any = None
-        self._search_cache: Any = None
+        self._search_cache: Any = None  # PathFinder.precomputedExhaustivePaths: room -> search order
+        self._search_orders: Any = None  # its fixed state (a copy), computed on the first gold path in this JVM
         self.start()
 
     @property
@@ -181,28 +184,55 @@ class Simulator:
 
     def call(self, method: str, *args: Any) -> Any:
         """Calls the simulator's ``PythonInterface.<method>``; on any failure kills the JVM and raises."""
-        return self._call("_server", method, *args)
+        return self._guarded(method, lambda server: getattr(server, method)(*args))
 
-    def clear_gold_search_cache(self) -> None:
-        """Empties the gold agent's room-search orders (``PathFinder.precomputedExhaustivePaths``). It draws the order
-        for a start room from the random state of the first variation that needs one and keeps it for the JVM's life,
-        so without this a gold path depends on which variations the JVM generated gold paths for before."""
-        self._call("_search_cache", "clear")
+    def reset_gold_search(self, world: tuple[str, int, str]) -> None:
+        """Puts the gold agent's room-search orders (``PathFinder.precomputedExhaustivePaths``) in one fixed state.
 
-    def _call(self, target_attr: str, method: str, *args: Any) -> Any:
-        target, proc = getattr(self, target_attr), self._proc  # close() from another thread may clear them meanwhile
-        if target is None:
+        ScienceWorld computes a start room's order when a gold path first searches from it, shuffled by that
+        variation's random state, and keeps it for the JVM's life: a gold path depended on the gold paths generated
+        before. The first call in a JVM computes every room's order from seed 0 in ``world`` (task, variation,
+        simplification; all variations share the house's rooms and doors) and keeps a copy, seconds once; every call
+        restores that copy, so no gold path computes or keeps one of its own.
+        """
+        cache = self._search_cache
+
+        def restore(server: Any) -> None:
+            if self._search_orders is None:
+                self._search_orders = self._fixed_search_orders(server, cache, world)
+            cache.clear()
+            getattr(cache, "$plus$plus$eq")(self._search_orders)
+
+        self._guarded("reset_gold_search", restore)
+
+    def _fixed_search_orders(self, server: Any, cache: Any, world: tuple[str, int, str]) -> Any:
+        jvm = self._gateway.jvm
+        path_finder = jvm.scienceworld.goldagent.PathFinder
+        rng = getattr(getattr(jvm.scala.util, "Random$"), "MODULE$")  # the generator ScienceWorld draws from
+        server.load(*world, False)
+        loaded = server.agentInterface().get()
+        rooms = path_finder.buildLocationGraph(loaded.universe()).keySet()
+        cache.clear()
+        for room in sorted(jvm.scala.collection.JavaConverters.setAsJavaSet(rooms)):
+            rng.setSeed(0)
+            path_finder.createActionSequenceSearchPatternPrecomputed(loaded.universe(), loaded.agent(), room)
+        return cache.clone()
+
+    def _guarded(self, what: str, fn: Callable[[Any], X]) -> X:
+        """``fn(PythonInterface)``; on any failure kills the JVM and raises ``EnvironmentCrashed``."""
+        server, proc = self._server, self._proc  # close() from another thread may clear them meanwhile
+        if server is None:
             raise EnvironmentCrashed("simulator not running")
         try:
-            return getattr(target, method)(*args)
+            return fn(server)
         except Py4JError as e:
             if isinstance(e, Py4JJavaError):
-                reason = f"Java error in {method}: {str(e.java_exception)[:300]}"
+                reason = f"Java error in {what}: {str(e.java_exception)[:300]}"
             else:
                 try:  # a killed JVM's socket closes a moment before the process is gone
                     reason = f"JVM died (exit code {proc.wait(timeout=2)})"
                 except subprocess.TimeoutExpired:
-                    reason = f"no answer to {method} within {self.call_timeout:g} s ({e})"
+                    reason = f"no answer to {what} within {self.call_timeout:g} s ({e})"
             self.kill()
             raise EnvironmentCrashed(reason) from e
 
@@ -228,7 +258,7 @@ class Simulator:
                 self._proc.kill()
             self._proc.wait()
             self._proc.stdin.close()  # stdout belongs to py4j's reader thread, which ends at EOF
-        self._proc = self._gateway = self._server = self._search_cache = None
+        self._proc = self._gateway = self._server = self._search_cache = self._search_orders = None
 
     def close(self) -> None:
         with self._lock:
@@ -377,7 +407,7 @@ class SciWorldEnv(Environment):
         """Loads a variation outside any episode: (gold action sequence if ``gold``, task description)."""
         task_name, variation = parse_task_id(tid)
         if gold:
-            sim.clear_gold_search_cache()
+            sim.reset_gold_search((*GOLD_SEARCH_WORLD, self.protocol.simplification))
         sim.call("load", task_name, variation, self.protocol.simplification, gold)
         return (list(sim.call("getGoldActionSequence")) if gold else []), sim.call("getTaskDescription")
 
