@@ -40,7 +40,9 @@ def crossed_t(d: np.ndarray, confidence: float) -> tuple[float, float, float, fl
     return y.mean() - half, y.mean() + half, 2 * stats.t.sf(abs(y.mean()) / math.sqrt(var), df), df
 
 
-STUDIES = sorted((Path(__file__).resolve().parents[1] / "results").glob("*/results.json"))
+# the experiment runner's studies (their stage records are published beside them), not other reports under results/
+STUDIES = sorted(p for p in (Path(__file__).resolve().parents[1] / "results").glob("*/results.json")
+                 if (p.parent / "stages").is_dir())
 
 
 def test_the_sciworld_study_is_committed() -> None:
