@@ -171,8 +171,8 @@ class Simulator:
                 )
                 self._server = self._gateway.jvm.scienceworld.runtime.pythonapi.PythonInterface()
                 self._search_cache = self._gateway.jvm.scienceworld.goldagent.PathFinder.precomputedExhaustivePaths()
-                jvm = self._gateway.jvm.java.lang
-                hashes = {jvm.System.identityHashCode(jvm.Object()) for _ in range(2)}
+                lang = self._gateway.jvm.java.lang
+                hashes = {lang.System.identityHashCode(lang.Object()) for _ in range(2)}
             except (Py4JError, OSError, ValueError) as e:
                 self._kill_locked()
                 raise EnvironmentCrashed(f"could not start the ScienceWorld JVM: {e}") from e
