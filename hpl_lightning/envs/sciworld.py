@@ -55,7 +55,7 @@ from hpl_lightning.schema import Trajectory, append_jsonl, to_json
 
 BENCHMARK = "sciworld"
 DEFAULT_SPLITS = Path(__file__).resolve().parents[3] / "shared" / "data" / "sciworld" / "splits.json"
-LIFTED_MAX_TURNS = 500  # "no budget": well above the longest gold path (182 actions on the test split)
+LIFTED_MAX_TURNS = 500  # "no budget": well above the longest gold path (162 actions on test)
 DEFAULT_JAVA_OPTS = ("-Xmx1g", "-XX:+UseSerialGC")  # the JVM default heap grows past 3 GB RSS per simulator
 # always added (last, so java_opts cannot undo them): identity hashes all equal, hash sets iterate in insertion order
 DETERMINISTIC_JAVA_OPTS = ("-XX:+UnlockExperimentalVMOptions", "-XX:hashCode=2")
@@ -171,8 +171,8 @@ class Simulator:
                 )
                 self._server = self._gateway.jvm.scienceworld.runtime.pythonapi.PythonInterface()
                 self._search_cache = self._gateway.jvm.scienceworld.goldagent.PathFinder.precomputedExhaustivePaths()
-                jvm = self._gateway.jvm.java.lang
-                hashes = {jvm.System.identityHashCode(jvm.Object()) for _ in range(2)}
+                lang = self._gateway.jvm.java.lang
+                hashes = {lang.System.identityHashCode(lang.Object()) for _ in range(2)}
             except (Py4JError, OSError, ValueError) as e:
                 self._kill_locked()
                 raise EnvironmentCrashed(f"could not start the ScienceWorld JVM: {e}") from e
