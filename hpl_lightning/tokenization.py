@@ -17,6 +17,10 @@ from transformers import PreTrainedTokenizerBase
 from hpl_lightning.errors import DataError
 from hpl_lightning.schema import Record, Trajectory, head_length
 
+# Turns dropped at a time when a conversation outgrows its window (training and rollouts alike): 4 re-encodes a
+# cached context once every ~4 turns, at the cost of up to 3 turns of history the window could still have held.
+HISTORY_BLOCK = 4
+
 OverlongPolicy = Literal["truncate", "drop", "error"]
 UnscorablePolicy = Literal["error", "drop"]
 
@@ -66,20 +70,35 @@ class TokenizationReport:
 
 
 def truncate_history(
-    messages: list[dict[str, str]], protected: int, fits: Callable[[list[dict[str, str]]], bool]
+    messages: list[dict[str, str]], protected: int, fits: Callable[[list[dict[str, str]]], bool],
+    block: int = HISTORY_BLOCK,
 ) -> list[dict[str, str]]:
-    """``messages`` with the oldest turns after the first ``protected`` (the task head) removed until ``fits``.
+    """``messages`` with the oldest turns after the first ``protected`` (the task head) removed, ``block`` turns at a
+    time, until ``fits``.
 
-    A turn is an assistant message and the messages up to the next one (its observation). The head and the last
-    message are always kept, so the result may still not fit; the caller decides what happens then. Training
-    prompts and the agent's context at evaluation are both cut here, so a policy sees what it was trained on.
+    A turn is an assistant message and the messages up to the next one (its observation). Dropping a multiple of
+    ``block`` turns (the fewest that fit, rounded up) keeps the cut in place while an episode grows: its context at
+    one turn continues its context at the turn before, until the history outgrows the window again about ``block``
+    turns later, so a cached context is re-encoded once per block rather than at every turn. The head and the last
+    message are always kept, so the result may still not fit; the caller decides what happens then. Training prompts
+    and the agent's context at evaluation and exploration are all cut here, so a policy sees what it was trained on.
     """
-    while not fits(messages) and len(messages) > protected + 1:
-        drop = 1
-        while protected + drop < len(messages) - 1 and messages[protected + drop]["role"] != "assistant":
-            drop += 1
-        messages = messages[:protected] + messages[protected + drop:]
-    return messages
+    if block < 1:
+        raise ValueError(f"block must be >= 1 turn, got {block}")
+    last = len(messages) - 1
+    # where the kept history starts after dropping k whole turns (cuts[k]); then the last message alone
+    cuts = [protected] + [i for i in range(protected + 1, last) if messages[i]["role"] == "assistant"]
+    whole = len(cuts)
+    cuts += [last] if last > cuts[-1] else []
+
+    def kept(k: int) -> list[dict[str, str]]:
+        return messages[:protected] + messages[cuts[k]:]
+
+    for k in range(len(cuts)):
+        if fits(kept(k)):
+            rounded = min(-(-k // block) * block, max(whole - 1, k))  # not past the last whole turn
+            return kept(rounded) if rounded == k or fits(kept(rounded)) else kept(k)
+    return kept(len(cuts) - 1)  # nothing fits: the head and the last message
 
 
 class ChatTokenizer:

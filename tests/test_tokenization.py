@@ -91,3 +91,47 @@ def test_unscorable_drop_is_reported_not_silent():
     report = TokenizationReport()
     assert ChatTokenizer(tokenizer, 30, "truncate", unscorable="drop")(pair, report, "f", 1) is None
     assert report.dropped["nothing scorable"] == 1
+
+
+def _episode(n_turns: int) -> list[dict[str, str]]:
+    messages = [{"role": "user", "content": "instruction"}, {"role": "assistant", "content": "OK"},
+                {"role": "user", "content": "the task"}]
+    for t in range(n_turns):
+        messages += [{"role": "assistant", "content": f"Action: a{t}"},
+                     {"role": "user", "content": f"Observation: {'o' * (10 + 7 * (t % 3))}"}]
+    return messages
+
+
+def _fits(budget: int):
+    return lambda messages: sum(len(m["content"]) for m in messages) <= budget
+
+
+def test_history_goes_in_blocks_of_turns_the_fewest_that_fit():
+    from hpl_lightning.tokenization import truncate_history
+
+    messages = _episode(12)
+    one = truncate_history(messages, 3, _fits(200), block=1)
+    dropped = (len(messages) - len(one)) // 2
+    assert 0 < dropped < 11 and _fits(200)(one) and not _fits(200)(messages[:3] + messages[3 + 2 * (dropped - 1):])
+    four = truncate_history(messages, 3, _fits(200), block=4)
+    assert (len(messages) - len(four)) // 2 == -(-dropped // 4) * 4  # rounded up to a whole block
+    assert four[:3] == messages[:3] and four[3:] == messages[len(messages) - len(four) + 3:]  # head + newest turns
+    assert truncate_history(messages, 3, _fits(10_000), block=4) == messages  # fits: nothing goes
+    assert truncate_history(messages, 3, _fits(0), block=4) == messages[:3] + messages[-1:]  # head + last at most
+    for budget in (0, 150, 200, 10_000):  # what is returned was checked (training keeps the encodings it checked)
+        checked: list = []
+        out = truncate_history(messages, 3, lambda m: checked.append(m) or _fits(budget)(m), block=4)
+        assert out in checked
+
+
+def test_an_overflowing_episode_keeps_its_cut_for_a_block_of_turns():
+    """With blocks, the context at turn t+1 extends the context at turn t (a cached context continues) except when
+    the history outgrows the window again: at most once per block; dropping single turns moves the cut every turn."""
+    from hpl_lightning.tokenization import truncate_history
+
+    def breaks(block: int) -> int:
+        contexts = [truncate_history(_episode(t)[:-1], 3, _fits(220), block) for t in range(1, 40)]
+        return sum(later[:len(earlier)] != earlier for earlier, later in zip(contexts, contexts[1:]))
+
+    assert breaks(1) > 25  # single turns: once the window is full, nearly every turn re-cuts
+    assert 0 < breaks(4) <= 39 // 4 + 1
