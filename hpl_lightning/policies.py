@@ -19,7 +19,6 @@ from abc import ABC, abstractmethod
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -84,14 +83,10 @@ class LocalPolicy(Policy):
     observation alone do not fit, the middle of that observation is cut. Generation stops at a stop string (default
     ``"\nObservation:"``), at EOS or the template's end-of-turn token, or after ``max_new_tokens`` (``MAX_NEW_TOKENS``).
 
-    By default the conversations are left-padded and generated in batches of at most ``batch_size`` (sorted by
-    length): every turn recomputes every context, but the decoding steps are shared. With ``reuse_cache`` each
-    conversation instead continues from the KV cache of its previous turn (matched by the longest common token
-    prefix), one conversation at a time: a turn costs the new observation's tokens plus its own decoding. Measured
-    on 2 loaded cores, batching was faster for hpl-tiny at 3k-token contexts and SmolLM2-135M at 500; from the
-    measured prefill and decoding rates the cache should win for SmolLM2-sized models past ~1.5k tokens of
-    context (docs/evaluation-speed.md). ``prefix_cache.PrefixCachePolicy`` has both: per-episode caches, the shared
-    prefix encoded once, all episodes in one batch.
+    The conversations are left-padded and generated in batches of at most ``batch_size`` (sorted by length): every
+    turn recomputes every context, but the decoding steps are shared. ``prefix_cache.PrefixCachePolicy`` computes
+    the same text incrementally (each episode continues from its KV cache, shared prefixes encoded once, all
+    episodes in one batch) and is the default engine of evaluation and exploration (``prefix_cache.local_policy``).
     Greedy unless ``temperature`` > 0. ``seed`` makes sampling reproducible and initialises config-only models
     (hpl-tiny). ``threads`` caps torch's CPU threads while generating: small models on a busy CPU run many times
     faster on one thread than on threads that contend with other processes.
@@ -110,13 +105,10 @@ class LocalPolicy(Policy):
         seed: int = 0,
         threads: int | None = None,
         max_context: int | None = None,
-        reuse_cache: bool = False,
     ):
         self.model_spec, self.max_new_tokens, self.temperature, self.top_p = model, max_new_tokens, temperature, top_p
         self.stop, self.batch_size, self.seed, self.threads = tuple(stop), batch_size, seed, threads
-        self.reuse_cache = reuse_cache
         self._batches = 0  # sampling seeds seed + batch number: reproducible, yet no two batches share samples
-        self._caches: list[_CachedContext] = []  # the previous call's conversations, for reuse_cache
         if batch_size < 1:
             raise UsageError(f"batch_size must be >= 1, got {batch_size}")
         if model.endswith(".ckpt"):
@@ -173,18 +165,11 @@ class LocalPolicy(Policy):
         threads = torch.get_num_threads()
         torch.set_num_threads(self.threads or threads)
         try:
-            if self.reuse_cache:
-                caches = []
-                for i, ids in enumerate(prompts):
-                    out[i], cached = self._generate_cached(ids)
-                    caches.append(cached)
-                self._caches = caches  # finished conversations' caches go
-            else:
-                order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
-                for start in range(0, len(order), self.batch_size):
-                    chunk = order[start:start + self.batch_size]
-                    for i, text in zip(chunk, self._generate_batch([prompts[i] for i in chunk])):
-                        out[i] = text
+            order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start:start + self.batch_size]
+                for i, text in zip(chunk, self._generate_batch([prompts[i] for i in chunk])):
+                    out[i] = text
         finally:
             torch.set_num_threads(threads)
         return out
@@ -209,49 +194,12 @@ class LocalPolicy(Policy):
             yield
 
     @torch.no_grad()
-    def _generate_cached(self, ids: list[int]) -> tuple[str, _CachedContext]:
-        """One conversation, continuing the cached context that shares the longest token prefix with ``ids``."""
-        prompt = torch.tensor([ids], device=self.device)
-        best, reused = None, 0
-        for cached in self._caches:
-            n = _common_prefix(cached.ids, prompt[0])
-            if n > reused:
-                best, reused = cached, n
-        reused = min(reused, len(ids) - 1)  # generate needs at least one new token to start from
-        cache = None  # generate starts a fresh one
-        if best is not None and reused > 0:
-            self._caches = [c for c in self._caches if c is not best]  # each cache continues one conversation
-            cache = best.cache
-            cache.crop(reused - cache.get_seq_length())  # a negative count: the tokens to remove
-        with self._seeded():
-            result = self.model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt),
-                                         cache=cache, return_dict_in_generate=True, **self._decoding())
-        sequence = result.sequences[0]
-        text = self.tokenizer.decode(sequence[len(ids):], skip_special_tokens=True)
-        covered = result.cache.get_seq_length()
-        return truncate_at_stop(text, self.stop), _CachedContext(sequence[:covered], result.cache)
-
-    @torch.no_grad()
     def _generate_batch(self, prompts: list[list[int]]) -> list[str]:
         batch = self.tokenizer.pad({"input_ids": prompts}, return_tensors="pt").to(self.device)
         with self._seeded():
             generated = self.model.generate(**batch, **self._decoding())
         texts = self.tokenizer.batch_decode(generated[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
         return [truncate_at_stop(t, self.stop) for t in texts]
-
-
-@dataclass
-class _CachedContext:
-    """The KV cache of a conversation's tokens so far (prompt and generated turn), for its next turn."""
-
-    ids: torch.Tensor
-    cache: Any
-
-
-def _common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
-    n = min(len(a), len(b))
-    differ = (a[:n] != b[:n]).nonzero()
-    return int(differ[0]) if len(differ) else n
 
 
 def end_of_turn_ids(tokenizer: Any, model: Any) -> list[int]:

@@ -1,27 +1,36 @@
 """Rollouts that prefill each unique context token once, with every episode in flight in one decoding loop (issue 21).
 
-LocalPolicy's default path re-encodes every conversation at every turn (a 10-turn ScienceWorld episode prefills
+LocalPolicy's recompute path re-encodes every conversation at every turn (a 10-turn ScienceWorld episode prefills
 ~8x its unique tokens) and its ``reuse_cache`` path runs one episode at a time. Here each episode keeps the KV cache
-of its previous turn, the prefix every conversation of a call shares (system turn, instruction) is encoded once and
-kept, and a turn prefills only each episode's new tokens, batched: per-episode caches of different lengths are
-left-padded into one batch cache, with per-row positions, so the keys/values and hence the greedy text are the ones
-the recompute path computes (up to float rounding). Sampling draws from one generator per request, seeded by the
-request's key (rollout and turn), so a sample does not depend on the other episodes in its batch.
+of its previous turn; prefixes that several conversations of a call share (the system turn and instruction of every
+episode, a task's expert prefix under its Monte-Carlo samples) are encoded once and kept; and a turn prefills only
+each episode's new tokens, batched: per-episode caches of different lengths are left-padded into one batch cache,
+with per-row positions, so the keys/values and hence the greedy text are the ones the recompute path computes (up to
+float rounding). The batch cache is allocated once per turn for all its tokens, so a decoding step writes one column
+instead of copying the cache. Sampling draws from one generator per request, seeded by the request's key (rollout
+and turn), so a sample does not depend on the other episodes in its batch.
 """
 
 from __future__ import annotations
 
 from collections import Counter
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
 from transformers.generation.stopping_criteria import StopStringCriteria
 
+from hpl_lightning.errors import UsageError
 from hpl_lightning.policies import Conversation, LocalPolicy, request_keys, request_seed, truncate_at_stop
+
+# How a local model computes a turn: ``prefix-cache`` (PrefixCachePolicy, the default) or ``recompute``
+# (LocalPolicy: every context re-encoded at every turn, batches of ``batch_size``; the reference).
+Engine = Literal["prefix-cache", "recompute"]
+DEFAULT_ENGINE: Engine = "prefix-cache"
 
 # Prompt tokens kept before the generated ones when checking stop strings: a stop string may begin in the prompt,
 # as generate's StopStringCriteria sees it.
@@ -44,19 +53,72 @@ def common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
     return int(differ[0]) if len(differ) else n
 
 
+def shared_prefixes(prompts: list[torch.Tensor]) -> list[list[tuple[int, list[int]]]]:
+    """The prefixes worth encoding once for ``prompts``, by level: each ``(length, members)`` is a prefix that the
+    prompts ``members`` (two or more) share, at most one token shorter than the shortest (its last token is fed with
+    the prompt's own tokens). Level 0 holds the longest prefixes of disjoint groups; a prefix at a deeper level
+    extends one of the level above (the prefix tree of the sorted prompts: all episodes share the instruction, the
+    Monte-Carlo samples of one task its expert prefix)."""
+    order = sorted(range(len(prompts)), key=lambda i: prompts[i].tolist())
+    adjacent = [common_prefix(prompts[a], prompts[b]) for a, b in zip(order, order[1:])]
+    levels: list[list[tuple[int, list[int]]]] = []
+
+    def split(lo: int, hi: int, above: int, level: int) -> None:  # members order[lo:hi], sharing `above` tokens
+        if hi - lo < 2:
+            return
+        length = min(min(adjacent[lo:hi - 1]), min(len(prompts[order[k]]) for k in range(lo, hi)) - 1)
+        if length > above:
+            levels.extend([] for _ in range(level + 1 - len(levels)))
+            levels[level].append((length, [order[k] for k in range(lo, hi)]))
+            above, level = length, level + 1
+        starts = [lo] + [k + 1 for k in range(lo, hi - 1) if adjacent[k] <= length]
+        if len(starts) > 1:  # groups that share more than `length`
+            for a, b in zip(starts, starts[1:] + [hi]):
+                split(a, b, above, level)
+
+    split(0, len(prompts), 0, 0)
+    return levels
+
+
+class _TurnLayer(DynamicLayer):
+    """A layer's batch cache in a buffer allocated for the whole turn: an update writes its columns in place and
+    returns a view, where ``DynamicLayer`` concatenates (copies every cached key at every decoding step)."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int):
+        super().__init__()
+        self.buffers, self.length = (keys, values), length
+        self.keys, self.values = keys[:, :, :length], values[:, :, :length]
+        self.device, self.is_initialized = keys.device, True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        end = self.length + key_states.shape[-2]
+        keys, values = self.buffers
+        keys[:, :, self.length:end] = key_states
+        values[:, :, self.length:end] = value_states
+        self.length = end
+        self.keys, self.values = keys[:, :, :end], values[:, :, :end]
+        return self.keys, self.values
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self.buffers = tuple(b[indices] for b in self.buffers)
+        self.keys, self.values = self.buffers[0][:, :, :self.length], self.buffers[1][:, :, :self.length]
+
+
 class PrefixCachePolicy(LocalPolicy):
     """:class:`LocalPolicy` with the same prompts (window and truncation) and stops, computed incrementally.
 
-    ``prefixes``: how many shared prefixes to keep besides the last call's episodes. ``prefilled`` counts the context
-    tokens fed to the model (decoding steps aside), for ``prefill_per_unique`` in ``benchmarks/rollout_speed.py``.
+    ``prefixes``: how many shared prefixes to keep besides the last call's episodes (a task's Monte-Carlo samples
+    start over several calls). ``prefilled`` counts the context tokens fed to the model (decoding steps aside), for
+    ``prefill_per_unique`` in ``benchmarks/rollout_speed.py``.
     """
 
-    def __init__(self, *args: Any, prefixes: int = 4, **kwargs: Any):
+    def __init__(self, *args: Any, prefixes: int = 16, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.prefixes = prefixes
         self.prefilled = 0
         self._episodes: list[CachedContext] = []  # the last call's conversations, one each
-        self._shared: list[CachedContext] = []  # prefixes shared by the conversations of a call, newest last
+        self._shared: list[CachedContext] = []  # prefixes shared by conversations, newest last
         self._sent: Counter = Counter()
         self._stop = StopStringCriteria(self.tokenizer, list(self.stop)) if self.stop else None
 
@@ -64,7 +126,7 @@ class PrefixCachePolicy(LocalPolicy):
         return super().describe() | {"engine": "prefix-cache"}
 
     def clear(self) -> None:
-        """Forgets every cached context (a benchmark's fresh start; the next call encodes its prefix again)."""
+        """Forgets every cached context (a benchmark's fresh start; the next call encodes its prefixes again)."""
         self._episodes, self._shared = [], []
 
     def generate(self, conversations: list[Conversation], keys: Sequence[str] | None = None) -> list[str]:
@@ -80,110 +142,111 @@ class PrefixCachePolicy(LocalPolicy):
             torch.set_num_threads(threads)
         return texts
 
-    def _match(self, ids: torch.Tensor) -> tuple[CachedContext | None, int]:
+    def _match(self, ids: torch.Tensor, extra: Sequence[CachedContext] = ()) -> tuple[CachedContext | None, int]:
         """The cached context sharing the longest prefix with ``ids``, and how many tokens it can give (at least
         one token of ``ids`` is left to feed, whose logits start the turn)."""
         best, reused = None, 0
-        for cached in self._episodes + self._shared:
+        for cached in [*self._episodes, *self._shared, *extra]:
             n = min(common_prefix(cached.ids, ids), len(ids) - 1)
             if n > reused:
                 best, reused = cached, n
         return best, reused
 
-    def _share_prefix(self, prompts: list[torch.Tensor], matches: list[tuple[CachedContext | None, int]]) -> None:
-        """Encodes once the prefix all ``prompts`` share, where that saves encoding it in several rows."""
-        n = min(len(p) for p in prompts) - 1
-        for p in prompts[1:]:
-            n = min(n, common_prefix(prompts[0], p))
-        if sum(n > reused for _, reused in matches) < 2:
-            return
-        ids = prompts[0][:n]
-        base, reused = self._match(ids)
-        reused = min(reused, n - 1) if base is not None else 0
-        cache, mask, _ = self._prefill([(base, reused, ids)])
-        shared = _extract(cache, mask, 0, ids)
-        self._shared = (self._shared + [shared])[-self.prefixes:]
-        for i, (_, got) in enumerate(matches):
-            if n > got:
-                matches[i] = (shared, n)
+    def _share_prefixes(self, prompts: list[torch.Tensor]) -> list[CachedContext]:
+        """Encodes once each prefix that two or more ``prompts`` share beyond what is cached for them, a batched
+        forward per level of the prefix tree; returns the new contexts (also kept in ``_shared``)."""
+        reused = [self._match(p)[1] for p in prompts]
+        new: list[CachedContext] = []
+        for level in shared_prefixes(prompts):
+            rows = []
+            for length, members in level:
+                if sum(length > reused[i] for i in members) < 2:
+                    continue  # cached already for all but one member: nothing saved
+                ids = prompts[members[0]][:length]
+                base, n = self._match(ids, new)
+                rows.append((base, n, ids))
+            if rows:
+                cache, mask, _ = self._prefill(rows, 0)
+                new += [_extract(cache, mask, row, ids) for row, (_, _, ids) in enumerate(rows)]
+        self._shared = (self._shared + new)[-self.prefixes:] if self.prefixes else []
+        return new
 
     @torch.no_grad()
-    def _prefill(self, rows: list[tuple[CachedContext | None, int, torch.Tensor]]
+    def _prefill(self, rows: list[tuple[CachedContext | None, int, torch.Tensor]], room: int
                  ) -> tuple[DynamicCache, torch.Tensor, torch.Tensor]:
-        """Feeds each row's ``ids[reused:]`` after ``reused`` cached tokens, all rows in one forward.
+        """Feeds each row's ``ids[reused:]`` after ``reused`` cached tokens, all rows in one forward, into a batch
+        cache with ``room`` more columns (the decoding steps to come).
 
         Layout per row: ``[pad][cached][pad][new]``; the mask hides the pads and positions count real tokens only,
         so every row computes what it would alone. Returns the batch cache, its mask and the last logits."""
         past = max(r for _, r, _ in rows)
         width = max(len(ids) - r for _, r, ids in rows)
-        layers = self.model.config.num_hidden_layers
-        keys: list[list[torch.Tensor]] = [[] for _ in range(layers)]
-        values: list[list[torch.Tensor]] = [[] for _ in range(layers)]
-        masks, inputs, positions = [], [], []
-        for cached, reused, ids in rows:
-            new = len(ids) - reused
-            for layer in range(layers):
-                k, v = (cached.keys[layer][:, :reused], cached.values[layer][:, :reused]) if cached else (None, None)
-                if k is None:
-                    k = v = self._empty_kv(layer)
-                keys[layer].append(F.pad(k, (0, 0, past - reused, 0)))
-                values[layer].append(F.pad(v, (0, 0, past - reused, 0)))
-            masks.append([0] * (past - reused) + [1] * reused + [0] * (width - new) + [1] * new)
-            inputs.append(F.pad(ids[reused:], (width - new, 0), value=self.tokenizer.pad_token_id))
-            positions.append(F.pad(torch.arange(reused, len(ids)), (width - new, 0), value=reused))
-            self.prefilled += new
-        cache = DynamicCache(ddp_cache_data=[(torch.stack(keys[i]), torch.stack(values[i])) for i in range(layers)],
-                             config=self.model.config)
-        mask = torch.tensor(masks, device=self.device)
-        out = self.model(input_ids=torch.stack(inputs), attention_mask=mask,
-                         position_ids=torch.stack(positions).to(self.device), cache=cache, use_cache=True,
-                         logits_to_keep=1)
-        return out.cache, mask, out.logits[:, -1].float()
-
-    def _empty_kv(self, layer: int) -> torch.Tensor:
         config = self.model.config
         heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
         dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
-        return torch.zeros(heads, 0, dim, dtype=self.model.dtype, device=self.device)
+        shape = (len(rows), heads, past + width + room, dim)
+        layers = []
+        for layer in range(config.num_hidden_layers):
+            keys, values = (torch.zeros(shape, dtype=self.model.dtype, device=self.device) for _ in range(2))
+            for row, (cached, reused, _) in enumerate(rows):
+                if cached is not None and reused:
+                    keys[row, :, past - reused:past] = cached.keys[layer][:, :reused]
+                    values[row, :, past - reused:past] = cached.values[layer][:, :reused]
+            layers.append(_TurnLayer(keys, values, past))
+        mask = torch.zeros(len(rows), past + width, dtype=torch.long, device=self.device)
+        inputs = torch.full((len(rows), width), self.tokenizer.pad_token_id, device=self.device)
+        positions = torch.zeros(len(rows), width, dtype=torch.long, device=self.device)
+        for row, (_, reused, ids) in enumerate(rows):
+            new = len(ids) - reused
+            mask[row, past - reused:past] = 1
+            mask[row, past + width - new:] = 1
+            inputs[row, width - new:] = ids[reused:]
+            positions[row] = reused  # the pads' positions do not matter (masked)
+            positions[row, width - new:] = torch.arange(reused, len(ids), device=self.device)
+            self.prefilled += new
+        cache = DynamicCache()
+        cache.layers = layers
+        out = self.model(input_ids=inputs, attention_mask=mask, position_ids=positions, cache=cache,
+                         use_cache=True, logits_to_keep=1)
+        return out.cache, mask, out.logits[:, -1].float()
 
     @torch.no_grad()
     def _turn(self, prompts: list[torch.Tensor], keys: list[str]) -> tuple[list[str], list[CachedContext]]:
         """One assistant turn for every prompt: batched prefill of the new tokens, then one decoding loop."""
-        matches = [self._match(p) for p in prompts]
-        if len(prompts) > 1:
-            self._share_prefix(prompts, matches)
-        cache, mask, logits = self._prefill([(c, r, p) for (c, r), p in zip(matches, prompts)])
+        new = self._share_prefixes(prompts) if len(prompts) > 1 else []
+        rows = [(*self._match(p, new), p) for p in prompts]
+        cache, mask, logits = self._prefill(rows, self.max_new_tokens)
         generators = [torch.Generator(device=self.device).manual_seed(request_seed(self.seed, k)) for k in keys]
         warpers = [TemperatureLogitsWarper(self.temperature), TopPLogitsWarper(self.top_p)] if self.temperature > 0 \
             else []
-        rows = list(range(len(prompts)))  # the batch row -> prompt index of the sequences still decoding
+        live = list(range(len(prompts)))  # the batch row -> prompt index of the sequences still decoding
         generated: list[list[int]] = [[] for _ in prompts]
         contexts: list[CachedContext | None] = [None] * len(prompts)
         tails = torch.stack([F.pad(p[-_STOP_CONTEXT:], (_STOP_CONTEXT - min(len(p), _STOP_CONTEXT), 0),
                                    value=self.tokenizer.pad_token_id) for p in prompts])
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        eos = torch.tensor(self.eos_token_ids, device=self.device)
         for step in range(self.max_new_tokens):
-            tokens = self._pick(logits, warpers, [generators[i] for i in rows])
+            tokens = self._pick(logits, warpers, [generators[i] for i in live])
             tails = torch.cat([tails, tokens[:, None]], 1)
-            done = torch.isin(tokens, torch.tensor(self.eos_token_ids, device=self.device))
+            done = torch.isin(tokens, eos)
             if self._stop is not None:
                 done |= self._stop(tails, logits)
-            for row, i in enumerate(rows):
+            for row, i in enumerate(live):
                 generated[i].append(int(tokens[row]))
             if step == self.max_new_tokens - 1:
                 done[:] = True
-            finished = [row for row in range(len(rows)) if done[row]]
+            finished = done.nonzero()[:, 0].tolist()
             for row in finished:  # the cache holds the prompt and the generated tokens fed so far
-                i = rows[row]
+                i = live[row]
                 contexts[i] = _extract(cache, mask, row, torch.cat([prompts[i], torch.tensor(generated[i][:-1])]))
-            keep = [row for row in range(len(rows)) if not done[row]]
-            if not keep:
+            if len(finished) == len(live):
                 break
             if finished:  # finished sequences leave the batch
-                index = torch.tensor(keep, device=self.device)
-                cache.batch_select_indices(index)
-                mask, tails, tokens, lengths = mask[index], tails[index], tokens[index], lengths[index]
-                rows = [rows[row] for row in keep]
+                keep = (~done).nonzero()[:, 0]
+                cache.batch_select_indices(keep)
+                mask, tails, tokens, lengths = mask[keep], tails[keep], tokens[keep], lengths[keep]
+                live = [live[row] for row in keep.tolist()]
             mask = torch.cat([mask, torch.ones_like(tokens[:, None])], 1)
             out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=lengths[:, None],
                              cache=cache, use_cache=True)
@@ -208,3 +271,11 @@ def _extract(cache: DynamicCache, mask: torch.Tensor, row: int, ids: torch.Tenso
         raise AssertionError(f"cache row holds {len(columns)} tokens, expected {len(ids)}")
     return CachedContext(ids, [layer.keys[row][:, columns] for layer in cache.layers],
                          [layer.values[row][:, columns] for layer in cache.layers])
+
+
+def local_policy(model: str, engine: Engine = DEFAULT_ENGINE, **kwargs: Any) -> LocalPolicy:
+    """A local model run by ``engine``; ``kwargs`` as :class:`LocalPolicy` takes them (``batch_size``: recompute only:
+    the prefix-cache engine runs every episode of a call in one batch)."""
+    if engine not in ("prefix-cache", "recompute"):
+        raise UsageError(f"engine: expected prefix-cache or recompute, got {engine!r}")
+    return (PrefixCachePolicy if engine == "prefix-cache" else LocalPolicy)(model, **kwargs)

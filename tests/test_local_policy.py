@@ -1,10 +1,9 @@
 """LocalPolicy at evaluation: the agent's context stays within the model's window (oldest turns after the task
-statement go first, as in training), a turn ends at a stop string or the end-of-turn token, and continuing a
-conversation from its KV cache writes what a full recomputation writes."""
+statement go first, as in training) and a turn ends at a stop string or the end-of-turn token. (The prefix-cache
+engine computes the same text: tests/test_prefix_cache.py.)"""
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from hpl_lightning.policies import LocalPolicy
@@ -38,9 +37,8 @@ def spy_on_generate(policy: LocalPolicy) -> list[tuple[int, int]]:
     return calls
 
 
-@pytest.mark.parametrize("reuse_cache", [True, False])
-def test_context_never_exceeds_the_window_and_drops_the_oldest_turns_first(reuse_cache):
-    policy = LocalPolicy("hpl-tiny", max_context=600, max_new_tokens=16, reuse_cache=reuse_cache)
+def test_context_never_exceeds_the_window_and_drops_the_oldest_turns_first():
+    policy = LocalPolicy("hpl-tiny", max_context=600, max_new_tokens=16)
     messages = conversation(turns=12)
     full = policy.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     assert len(policy.tokenizer(full)["input_ids"]) > 600  # the conversation does not fit as it is
@@ -70,9 +68,8 @@ def test_the_default_window_is_the_models_and_a_huge_observation_is_cut_in_the_m
     assert "the end is near" in text  # the newest tokens stay
 
 
-@pytest.mark.parametrize("reuse_cache", [True, False])
-def test_a_turn_ends_at_the_end_of_turn_token(reuse_cache):
-    policy = LocalPolicy("hpl-tiny", max_new_tokens=50, reuse_cache=reuse_cache)
+def test_a_turn_ends_at_the_end_of_turn_token():
+    policy = LocalPolicy("hpl-tiny", max_new_tokens=50)
     end = policy.tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert end in policy.eos_token_ids
     force_next_token(policy, end)
@@ -81,9 +78,8 @@ def test_a_turn_ends_at_the_end_of_turn_token(reuse_cache):
     assert [new for _, new in calls] == [1]  # stopped at once, not after max_new_tokens
 
 
-@pytest.mark.parametrize("reuse_cache", [True, False])
-def test_a_turn_ends_at_a_stop_string(reuse_cache):
-    policy = LocalPolicy("hpl-tiny", max_new_tokens=50, stop=["\n"], reuse_cache=reuse_cache)
+def test_a_turn_ends_at_a_stop_string():
+    policy = LocalPolicy("hpl-tiny", max_new_tokens=50, stop=["\n"])
     force_next_token(policy, policy.tokenizer("\n", add_special_tokens=False)["input_ids"][0])
     calls = spy_on_generate(policy)
     assert policy.generate([conversation(turns=1)]) == [""]  # the stop string itself is cut
@@ -98,22 +94,3 @@ def force_next_token(policy: LocalPolicy, token: int) -> None:
         head.bias.zero_()
         head.bias[token] = 10.0
     policy.model.lm_head = head
-
-
-def test_reusing_the_kv_cache_writes_what_recomputing_writes():
-    cached, batched = (LocalPolicy("hpl-tiny", seed=1, max_new_tokens=12, reuse_cache=r) for r in (True, False))
-    conversations = [conversation(turns=1), conversation(turns=2)]
-    fed: list[int] = []  # tokens per forward call of the cached policy's model
-    forward = cached.model.forward
-    cached.model.forward = lambda *a, **kw: fed.append(kw["input_ids"].shape[1]) or forward(*a, **kw)
-    for turn in range(3):
-        fed.clear()
-        a, b = cached.generate(conversations), batched.generate(conversations)
-        assert a == b
-        prompts = [len(cached.prompt_ids(c)) for c in conversations]
-        if turn == 0:
-            assert max(fed) == max(prompts)  # nothing cached yet: the whole prompt is computed
-        else:
-            assert max(fed) < min(prompts) - 20  # only the tokens after the cached prefix are computed
-        for c, text in zip(conversations, a):
-            c += [{"role": "assistant", "content": text}, {"role": "user", "content": "Observation: ok"}]

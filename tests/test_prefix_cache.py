@@ -1,13 +1,14 @@
-"""PrefixCachePolicy (issue 21): continuing each episode from its cache, with the shared prefix encoded once and all
+"""PrefixCachePolicy (issue 21): continuing each episode from its cache, with shared prefixes encoded once and all
 episodes in one batch, writes the greedy text the recompute path writes, turn after turn, through window overflow,
-stop strings and episodes that end at different turns; and a sample depends on its key, not on its batch."""
+stop strings and episodes that end at different turns; a task's Monte-Carlo samples encode its prefix once; and a
+sample depends on its key, not on its batch."""
 
 from __future__ import annotations
 
 import torch
 
 from hpl_lightning.policies import LocalPolicy
-from hpl_lightning.prefix_cache import PrefixCachePolicy
+from hpl_lightning.prefix_cache import PrefixCachePolicy, local_policy, shared_prefixes
 from tests.test_local_policy import HEAD, force_next_token
 
 BUDGETS = [2, 5, 3, 6]  # turns per episode: they leave the batch at different turns
@@ -86,3 +87,42 @@ def test_a_sample_depends_on_its_key_not_on_its_batch():
     for order in ([0, 1, 2, 3], [2, 0], [3, 1]):
         together = policy.generate([conversations[i] for i in order], [keys[i] for i in order])
         assert together == [alone[i] for i in order]
+
+
+def test_shared_prefixes_are_the_prefix_tree_of_the_prompts():
+    prompts = [torch.tensor(p) for p in ([1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 7], [1, 2, 3, 9, 9], [1, 2, 3, 9, 8],
+                                         [1, 2, 3, 4, 5, 6])]
+    assert shared_prefixes(prompts) == [[(3, [0, 4, 1, 3, 2])],  # every prompt: the instruction
+                                        [(5, [0, 4, 1]), (4, [3, 2])]]  # each task's prefix, under it
+    # identical prompts share all but their last token, which each row feeds itself
+    assert shared_prefixes([torch.tensor([1, 2, 3])] * 2) == [[(2, [0, 1])]]
+    assert shared_prefixes([torch.tensor([1, 2]), torch.tensor([5, 6])]) == []
+
+
+def test_monte_carlo_samples_of_a_task_encode_its_prefix_once():
+    """M samples from each of two expert prefixes (same instruction, long task-specific histories) in one call:
+    every unique context token is fed about once, and each sample is what it is alone."""
+    def prefix(task: int) -> list[dict[str, str]]:
+        history = [m for t in range(3) for m in ({"role": "assistant", "content": f"Action: look {task} {t}"},
+                                                  {"role": "user", "content": f"Observation: room {task} " * 8})]
+        return start(task) + history
+
+    samples = [(prefix(task), f"task{task}/sample{m}") for task in (1, 2) for m in range(3)]
+    policy = varied(PrefixCachePolicy("hpl-tiny", max_new_tokens=8, temperature=1.0, seed=5))
+    together = policy.generate([c for c, _ in samples], [k for _, k in samples])
+    unique = len(policy.prompt_ids(prefix(1))) + len(policy.prompt_ids(prefix(2))) - shared_instruction(policy)
+    assert policy.prefilled <= unique + len(samples)  # + the last prompt token each sample feeds itself
+    assert len(set(together[:3])) > 1  # distinct samples of one prompt
+    alone = varied(PrefixCachePolicy("hpl-tiny", max_new_tokens=8, temperature=1.0, seed=5))
+    assert together == [alone.generate([c], [k])[0] for c, k in samples]
+
+
+def shared_instruction(policy: LocalPolicy) -> int:
+    """Tokens the two tasks' prompts share (the instruction)."""
+    a, b = (policy.prompt_ids(start(task)) for task in (1, 2))
+    return next(i for i, (x, y) in enumerate(zip(a, b)) if x != y)
+
+
+def test_the_engine_is_chosen_by_name():
+    assert type(local_policy("hpl-tiny", "recompute")) is LocalPolicy
+    assert type(local_policy("hpl-tiny", "prefix-cache")) is PrefixCachePolicy
