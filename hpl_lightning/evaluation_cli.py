@@ -25,8 +25,8 @@ from hpl_lightning.envs.intercode_replay import ReplayStopped, replay, start_ser
 from hpl_lightning.envs.sciworld import gold
 from hpl_lightning.errors import UsageError
 from hpl_lightning.evaluation import EvaluationAborted, evaluate
-from hpl_lightning.policies import MAX_NEW_TOKENS, LocalPolicy, OpenAIPolicy, Policy
-from hpl_lightning.prefix_cache import PrefixCachePolicy
+from hpl_lightning.policies import MAX_NEW_TOKENS, OpenAIPolicy, Policy
+from hpl_lightning.prefix_cache import DEFAULT_ENGINE, Engine, local_policy
 
 
 def run(
@@ -41,8 +41,7 @@ def run(
     env_kwargs: dict[str, Any] | None = None,
     max_new_tokens: int = MAX_NEW_TOKENS,
     max_context: int | None = None,
-    reuse_cache: bool = False,
-    prefix_cache: bool = False,
+    engine: Engine = DEFAULT_ENGINE,
     batch_size: int = 16,
     threads: int | None = None,
     dtype: str = "float32",
@@ -69,11 +68,10 @@ def run(
         max_new_tokens: per agent turn (a ReAct thought + action fits in 128 tokens; the paper allows 512).
         max_context: a local model's context in tokens (default: its window); the oldest turns after the task
             statement are dropped to fit, as in training. A smaller cap makes CPU evaluation cheaper.
-        reuse_cache: a local model continues each episode from its KV cache (one episode at a time) instead of
-            one left-padded batch per turn that recomputes every context; pays off for long contexts on CPU.
-        prefix_cache: a local model runs ``PrefixCachePolicy``: per-episode KV caches, the prefix shared by all
-            episodes encoded once, every episode in flight in one batch (same greedy text; docs/evaluation-speed.md).
-        batch_size: largest generate() batch of a local model (without ``reuse_cache``).
+        engine: how a local model computes a turn: ``prefix-cache`` continues each episode from its KV cache, the
+            prefixes episodes share encoded once, every episode in flight in one batch; ``recompute`` re-encodes
+            every context at every turn (the reference; same greedy text, docs/evaluation-speed.md).
+        batch_size: largest generate() batch of a local model with the ``recompute`` engine.
         threads: torch CPU threads while generating (1 is fastest for tiny models on a busy machine).
         dtype: local model weights (float32, bfloat16, float16).
         device: cpu or cuda.
@@ -87,11 +85,8 @@ def run(
         agent = OpenAIPolicy(policy, base_url=base_url, api_key=api_key, max_tokens=max_new_tokens,
                              concurrency=concurrency, timeout=timeout)
     else:
-        if reuse_cache and prefix_cache:
-            raise UsageError("reuse_cache and prefix_cache are two cache paths: choose one")
-        local = PrefixCachePolicy if prefix_cache else LocalPolicy
-        agent = local(policy, max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype,
-                      device=device, threads=threads, max_context=max_context, reuse_cache=reuse_cache)
+        agent = local_policy(policy, engine, max_new_tokens=max_new_tokens, batch_size=batch_size, dtype=dtype,
+                             device=device, threads=threads, max_context=max_context)
     kwargs = dict(env_kwargs or {})
     if benchmark == "intercode_sql":
         try:

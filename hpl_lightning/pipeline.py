@@ -39,6 +39,7 @@ from hpl_lightning.explore import (
 from hpl_lightning.logprobs import final_hidden_states, token_entropies
 from hpl_lightning.pairs import PairFilters, build_pairs, expert_actions
 from hpl_lightning.policies import MAX_NEW_TOKENS, LocalPolicy, OpenAIPolicy, Policy
+from hpl_lightning.prefix_cache import DEFAULT_ENGINE, Engine, local_policy
 from hpl_lightning.schema import Trajectory, head_length, load_records, parse_record, to_json, write_jsonl
 from hpl_lightning.segmentation import (
     DEFAULT_STATS_SEGMENTERS,
@@ -277,15 +278,16 @@ def task_resolver(benchmark: str, env: Environment) -> Callable[[Trajectory], Ta
 
 
 def make_policies(policy: str, base_url: str | None, max_new_tokens: int, temperature: float, batch_size: int,
-                  threads: int | None, seed: int, dtype: str, device: str) -> dict[bool, Policy]:
+                  threads: int | None, seed: int, dtype: str, device: str, engine: Engine = DEFAULT_ENGINE
+                  ) -> dict[bool, Policy]:
     """A greedy and a sampling policy sharing one model (``False``: greedy, ``True``: ``temperature``)."""
     greedy: Policy
     if base_url is not None:
         greedy = OpenAIPolicy(policy, base_url=base_url, max_tokens=max_new_tokens, seed=seed)
     else:
-        greedy = LocalPolicy(policy, max_new_tokens=max_new_tokens, batch_size=batch_size, threads=threads,
-                             seed=seed, dtype=dtype, device=device)
-    sampler = copy.copy(greedy)  # shares the weights; Policy has no per-call temperature
+        greedy = local_policy(policy, engine, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                              threads=threads, seed=seed, dtype=dtype, device=device)
+    sampler = copy.copy(greedy)  # shares the weights (and nothing it changes); Policy has no per-call temperature
     sampler.temperature = temperature  # type: ignore[attr-defined]
     return {False: greedy, True: sampler}
 
@@ -310,6 +312,7 @@ def explore(
     db_url: str | None = None,
     env_kwargs: dict[str, Any] | None = None,
     progress: bool = True,
+    engine: Engine = DEFAULT_ENGINE,
 ) -> dict[str, Any]:
     """Rollouts from the expert trajectories (segmented, for the group level) with MC estimates, appended to
     ``output`` as they finish; a re-run skips finished rollouts. Prints where the time went.
@@ -327,7 +330,7 @@ def explore(
         max_new_tokens: per agent turn (the paper allows 512).
         temperature: of the sampled rollouts (1.0: the paper, and the release's run_mc_sample.sh, run_negative.sh,
             run_negative_mc.sh); trajectory-level rollouts are greedy (the release's generate_trajectory.py).
-        batch_size: largest generate() batch of a local model.
+        batch_size: largest generate() batch of a local model (``recompute`` engine).
         threads: torch CPU threads while generating.
         seed: sampling seed (and the initialisation of config-only models such as hpl-tiny).
         dtype: local model weights.
@@ -336,6 +339,9 @@ def explore(
         env_kwargs: more environment options; sciworld defaults to ``step_budget: false`` (expert prefixes are
             longer than ETO's budgets), so set ``exploration.max_actions``.
         progress: show progress bars.
+        engine: how a local model computes a turn (``prefix_cache.Engine``): ``prefix-cache`` encodes each unique
+            context token about once (a task's expert prefix once for all its samples), ``recompute`` re-encodes
+            every context at every turn. Samples differ between the two (per-request vs per-batch seeds).
     """
     if benchmark not in BENCHMARKS:
         raise UsageError(f"--benchmark: unknown benchmark {benchmark!r}; expected one of {sorted(BENCHMARKS)}")
@@ -355,7 +361,7 @@ def explore(
         if benchmark == "sciworld":
             kwargs.setdefault("step_budget", False)
         policies = make_policies(policy, base_url, max_new_tokens, temperature, batch_size, threads, seed, dtype,
-                                 device)
+                                 device, engine)
         spec = BENCHMARKS[benchmark]
         with EnvPool(lambda: spec.make_env(**kwargs), envs) as pool:
             explorer = Explorer(pool, policies, path, exploration, progress)

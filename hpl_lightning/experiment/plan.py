@@ -23,7 +23,9 @@ from hpl_lightning.experiment.settings import PREFERENCE_LEVELS, SFT_DEFAULTS, S
 # Parameters added to a stage kind after stages of it were published, with the value that reproduces what ran before
 # they existed: at that value they stay out of the key, so the published stages are still found (whether they are
 # current is their code fingerprint's business, not their key's); any other value moves the key.
-ADDED_LATER: dict[str, dict[str, Any]] = {"pairs.filters": {"step_both_directions": False}}
+ADDED_LATER: dict[str, dict[str, Any]] = {"pairs.filters": {"step_both_directions": False},
+                                          "exploration": {"engine": "recompute"},
+                                          "evaluation": {"engine": "recompute"}}
 
 
 def without_added_later(params: dict[str, Any], where: str) -> dict[str, Any]:
@@ -136,7 +138,8 @@ def build_plan(exp: Experiment, kinds: Sequence[KindEntry]) -> Plan:
     base_levels = sorted({lv for r in exp.recipes.values() for lv in r.levels if lv != "group"},
                          key=PREFERENCE_LEVELS.index)
     group_segmenters = sorted({r.segmenter for r in exp.recipes.values() if "group" in r.levels})
-    explore_params = {**asdict(exp.exploration), **backend, "env_kwargs": b.env_kwargs}
+    explore_params = {**without_added_later(asdict(exp.exploration), "exploration"), **backend,
+                      "env_kwargs": b.env_kwargs}
 
     def add(stage: Stage) -> Stage:
         for s in stages:
@@ -190,7 +193,8 @@ def build_plan(exp: Experiment, kinds: Sequence[KindEntry]) -> Plan:
     for (arm, seed_), run in runs.items():
         for split in b.eval_splits:
             sampling = exp.evaluation.temperature > 0
-            settings = {k: v for k, v in asdict(exp.evaluation).items() if k not in STATISTICS_ONLY}
+            settings = {k: v for k, v in without_added_later(asdict(exp.evaluation), "evaluation").items()
+                        if k not in STATISTICS_ONLY}
             params = {**settings, **backend, "split": split, "protocol": data_id(split),
                       "env_kwargs": b.env_kwargs, "sampling_seed": seed_ if sampling else None}
             label = f"{run.label}-{split}" + (f"-sampling{seed_}" if sampling else "")

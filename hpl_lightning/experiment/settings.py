@@ -14,6 +14,7 @@ from hpl_lightning.errors import UsageError
 from hpl_lightning.explore import ExploreConfig
 from hpl_lightning.pairs import PairFilters
 from hpl_lightning.policies import MAX_NEW_TOKENS
+from hpl_lightning.prefix_cache import DEFAULT_ENGINE, Engine
 
 PREFERENCE_LEVELS = ("trajectory", "step", "group")
 # The SFT stage is behaviour cloning on the experts: one curriculum phase, one pass; sft.options overrides (e.g.
@@ -67,9 +68,10 @@ class Exploration:
     max_new_tokens: int = MAX_NEW_TOKENS
     temperature: float = 1.0
     envs: int = 4
-    batch_size: int = 16
+    batch_size: int = 16  # the recompute engine's largest batch
     threads: int | None = None
     seed: int = 0
+    engine: Engine = DEFAULT_ENGINE  # a local model's (prefix_cache.Engine); samples differ between engines
 
 
 @dataclass
@@ -79,9 +81,10 @@ class Evaluation:
     workers: int = 4
     max_new_tokens: int = MAX_NEW_TOKENS
     temperature: float = 0.0
-    batch_size: int = 16
+    batch_size: int = 16  # the recompute engine's largest batch
     threads: int | None = None
     limit: int | None = None  # first N tasks of each split
+    engine: Engine = DEFAULT_ENGINE  # a local model's (prefix_cache.Engine): the same greedy text, faster
     confidence: float = 0.95
     baselines: list[str] = field(default_factory=lambda: ["sft", "eto"])  # paired comparisons: every arm vs these
 

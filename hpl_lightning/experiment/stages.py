@@ -86,7 +86,7 @@ def explore(exp: Experiment, plan: Plan, st: Stage, shard: Shard | None) -> dict
             str(source), str(out / "rollouts.jsonl"), exp.benchmark.name,
             replace(e.config, levels=tuple(st.params["levels"])), policy, base_url, e.envs, None, ids,
             e.max_new_tokens, e.temperature, e.batch_size, e.threads, st.params["seed"], exp.dtype, exp.device,
-            None, env_kwargs(exp, plan), progress=False)
+            None, env_kwargs(exp, plan), progress=False, engine=e.engine)
     return {"tasks": ids, "rollouts": summary.get("rollouts")}
 
 
@@ -127,7 +127,8 @@ def train(exp: Experiment, plan: Plan, st: Stage, shard: Shard | None) -> dict[s
 def evaluate(exp: Experiment, plan: Plan, st: Stage, shard: Shard | None) -> dict[str, Any]:
     from hpl_lightning.evaluation import EPISODES_FILE
     from hpl_lightning.evaluation import evaluate as run_episodes
-    from hpl_lightning.policies import LocalPolicy, OpenAIPolicy
+    from hpl_lightning.policies import OpenAIPolicy
+    from hpl_lightning.prefix_cache import local_policy
 
     (run,) = st.deps
     split, ev = st.params["split"], exp.evaluation
@@ -152,9 +153,9 @@ def evaluate(exp: Experiment, plan: Plan, st: Stage, shard: Shard | None) -> dic
             policy = OpenAIPolicy(name, base_url=base_url, temperature=ev.temperature, max_tokens=ev.max_new_tokens,
                                   concurrency=exp.serving.concurrency, seed=seed)
         else:
-            policy = LocalPolicy(name, max_new_tokens=ev.max_new_tokens, temperature=ev.temperature,
-                                 batch_size=ev.batch_size, seed=seed, threads=ev.threads, dtype=exp.dtype,
-                                 device=exp.device)
+            policy = local_policy(name, ev.engine, max_new_tokens=ev.max_new_tokens, temperature=ev.temperature,
+                                  batch_size=ev.batch_size, seed=seed, threads=ev.threads, dtype=exp.dtype,
+                                  device=exp.device)
         summary = run_episodes(policy, exp.benchmark.name, split, out, workers=ev.workers,
                                limit=ev.limit if ids is None else None, task_ids=ids, env_kwargs=kwargs,
                                progress=False)
