@@ -1,98 +1,83 @@
-"""Where one agent turn's time goes with LocalPolicy's recompute path (issue 21): tokenization, prefill, the model
-matmuls of the decoding steps, and what ``generate`` adds per step on top of them.
+"""Where a turn's time goes, per engine (issue 21): tokenization, prefill forwards, decoding forwards, and the rest
+(``generate``'s or the decoding loop's per-step work: logits processing, stop strings, cache bookkeeping).
 
-Conversations are the committed evaluation episodes of the ScienceWorld study cut after ``--turn`` observations
-(teacher-forced: no simulator runs). Each figure is the median of ``--repeats`` runs, in wall seconds and in this
-process's CPU seconds (both threads): on a shared machine the wall time mostly measures the other processes.
+Both engines play the same teacher-forced ScienceWorld episodes as ``rollout_speed.py`` (distinct committed
+10-turn episodes of the study, ``--in_flight`` at a time, the study's seed-0 SFT model, 1,024-token window,
+40 new tokens, greedy). A forward that feeds more than one token per row is prefill, one token is a decoding step;
+both are timed by wrapping the model's ``forward``. Each figure is the sum over the run, in wall seconds; the
+engines alternate over ``--repeats`` runs and the medians are printed. The simulator's share is in
+``rollout_speed.py --stage explore`` (env step and restore seconds).
 
-    PYTHONPATH=$PWD nice -n 10 python benchmarks/turn_profile.py --model smollm2-135m-instruct --episodes 4
+    PYTHONPATH=$PWD python benchmarks/turn_profile.py --in_flight 16
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
+from collections import Counter
 from pathlib import Path
-from typing import Callable
 
 import torch
 
 from hpl_lightning.policies import LocalPolicy
-
-ROOT = Path(__file__).resolve().parents[1]
-CELL = ROOT / "results" / "sciworld-cpu-small" / "stages" / "evaluate" / "eto-s0-dev-3c1979be54" / "episodes.jsonl"
-
-
-def conversations(n: int, turn: int) -> list[list[dict[str, str]]]:
-    """The first ``n`` committed episodes, up to and including the user message after ``turn`` actions."""
-    rows = [json.loads(line) for line in CELL.read_text().splitlines()][:n]
-    return [r["messages"][: len(r["messages"]) - 2 * (r["turns"] - turn)] for r in rows]
+from hpl_lightning.prefix_cache import local_policy
+from rollout_speed import ENGINES, committed, play, sft_model
 
 
-def timed(fn: Callable[[], object], repeats: int) -> tuple[float, float, float, float]:
-    """Median, min and max wall seconds of ``repeats`` calls, and their median CPU seconds."""
-    times, cpu = [], []
-    for _ in range(repeats):
-        start, start_cpu = time.perf_counter(), time.process_time()
-        fn()
-        times.append(time.perf_counter() - start)
-        cpu.append(time.process_time() - start_cpu)
-    return statistics.median(times), min(times), max(times), statistics.median(cpu)
+def instrument(policy: LocalPolicy, spent: Counter) -> None:
+    """Adds the seconds of every forward (prefill or decoding step) and of every tokenization to ``spent``."""
+    forward, prompt_ids = policy.model.forward, policy.prompt_ids
+
+    def timed_forward(*args, **kwargs):
+        start = time.perf_counter()
+        out = forward(*args, **kwargs)
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        spent["prefill" if ids.shape[1] > 1 else "decoding steps"] += time.perf_counter() - start
+        spent["prefill forwards" if ids.shape[1] > 1 else "decoding forwards"] += 1
+        return out
+
+    def timed_prompt_ids(conversation):
+        start = time.perf_counter()
+        ids = prompt_ids(conversation)
+        spent["tokenization"] += time.perf_counter() - start
+        return ids
+
+    policy.model.forward, policy.prompt_ids = timed_forward, timed_prompt_ids
 
 
-@torch.no_grad()
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--episodes", type=int, default=4)
-    parser.add_argument("--turn", type=int, default=5)
-    parser.add_argument("--new_tokens", type=int, default=40)
+    parser.add_argument("--model", default=None, help="default: the study's seed-0 SFT model (rollout_speed.py)")
+    parser.add_argument("--in_flight", type=int, default=16)
+    parser.add_argument("--turns", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
-    policy = LocalPolicy(args.model, max_context=1024, max_new_tokens=args.new_tokens, threads=args.threads)
+    model = Path(args.model) if args.model else sft_model()
     torch.set_num_threads(args.threads)
-    convs = conversations(args.episodes, args.turn)
-    prompts = [policy.prompt_ids(c) for c in convs]
-    batch = policy.tokenizer.pad({"input_ids": prompts}, return_tensors="pt")
-    model, n = policy.model, args.new_tokens
-    print(f"{len(prompts)} prompts of {[len(p) for p in prompts]} tokens, {n} new tokens each")
-
-    def prefill():
-        return model(**batch, use_cache=True, logits_to_keep=1)
-
-    def steps():  # the bare decoding loop: the same n forward calls generate makes, no logits processing
-        out = prefill()
-        mask, cache = batch["attention_mask"], out.cache
-        token = out.logits[:, -1].argmax(-1, keepdim=True)
-        positions = mask.sum(1, keepdim=True)
-        for _ in range(n - 1):
-            mask = torch.cat([mask, torch.ones_like(token)], 1)
-            out = model(input_ids=token, attention_mask=mask, position_ids=positions, cache=cache,
-                        use_cache=True)
-            cache, positions = out.cache, positions + 1
-            token = out.logits[:, -1].argmax(-1, keepdim=True)
-
-    def generate(stop: bool):
-        kwargs = policy._decoding() | {"min_new_tokens": n}  # every sequence runs all n steps: same work as steps()
-        if not stop:
-            kwargs.pop("stop_strings"), kwargs.pop("tokenizer")
-        model.generate(**batch, **kwargs)
-
-    figures = {
-        "tokenize": timed(lambda: [policy.prompt_ids(c) for c in convs], args.repeats),
-        "prefill": timed(prefill, args.repeats),
-        "prefill + bare loop": timed(steps, args.repeats),
-        "generate, no stop strings": timed(lambda: generate(False), args.repeats),
-        "generate, stop strings": timed(lambda: generate(True), args.repeats),
-    }
-    for name, (median, low, high, cpu) in figures.items():
-        print(f"{name}: {median:.2f} s wall (min {low:.2f}, max {high:.2f}), {cpu:.2f} s CPU", flush=True)
-    loop = figures["prefill + bare loop"][3] - figures["prefill"][3]
-    print(f"CPU per decoding step: forward {loop / (n - 1) * 1000:.0f} ms, generate's overhead "
-          f"{(figures['generate, stop strings'][3] - figures['prefill + bare loop'][3]) / n * 1000:.0f} ms")
+    plays = [p for p, _ in committed("*", args.turns, args.in_flight)]
+    runs: dict[str, list[Counter]] = {e: [] for e in ENGINES}
+    policies = {e: local_policy(str(model), e, max_context=1024, max_new_tokens=40, threads=args.threads)
+                for e in ENGINES}
+    for repeat in range(args.repeats):
+        for engine in ENGINES if repeat % 2 == 0 else ENGINES[::-1]:
+            spent: Counter = Counter()
+            instrument(policies[engine], spent)
+            spent["total"], _ = play(policies[engine], plays)
+            runs[engine].append(spent)
+            del policies[engine].model.forward, policies[engine].prompt_ids  # the classes' methods again
+    print(f"{args.in_flight} episodes x {args.turns} teacher-forced turns, median of {args.repeats} runs (wall s):")
+    parts = ["tokenization", "prefill", "decoding steps"]
+    for engine, spent in runs.items():
+        median = {k: statistics.median(s[k] for s in spent) for k in [*parts, "total"]}
+        rest = median["total"] - sum(median[k] for k in parts)
+        counts = {k: statistics.median(s[k] for s in spent) for k in ("prefill forwards", "decoding forwards")}
+        print(f"{engine:>12}: total {median['total']:.1f} = " + ", ".join(f"{k} {median[k]:.1f}" for k in parts)
+              + f", rest {rest:.1f}  ({counts['prefill forwards']:.0f} prefill forwards, "
+              f"{counts['decoding forwards']:.0f} decoding forwards: "
+              f"{1000 * median['decoding steps'] / max(counts['decoding forwards'], 1):.0f} ms each)")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ and turn), so a sample does not depend on the other episodes in its batch.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, Sequence
 
 import torch
@@ -51,6 +51,46 @@ def common_prefix(a: torch.Tensor, b: torch.Tensor) -> int:
     n = min(len(a), len(b))
     differ = (a[:n] != b[:n]).nonzero()
     return int(differ[0]) if len(differ) else n
+
+
+@dataclass
+class ContextPool:
+    """The cached contexts a policy continues from, at most ``capacity`` tokens beyond the ones the last call used
+    or made (least recently used go first). None is a prefix of another: the longer one gives at least as much.
+    Shared by the greedy and the sampling policy of an exploration (the KV of a context does not depend on
+    temperature), so a task's expert prefix encoded for one serves the other."""
+
+    capacity: int
+    contexts: list[CachedContext] = field(default_factory=list)  # least recently used first
+
+    def match(self, ids: torch.Tensor, extra: Sequence[CachedContext] = ()) -> tuple[CachedContext | None, int]:
+        """The context sharing the longest prefix with ``ids`` and how many tokens it gives (at most
+        ``len(ids) - 1``: a row feeds at least one token, whose logits start its turn)."""
+        best, reused = None, 0
+        for cached in [*self.contexts, *extra]:
+            n = min(common_prefix(cached.ids, ids), len(ids) - 1)
+            if n > reused:
+                best, reused = cached, n
+        return best, reused
+
+    def update(self, used: Sequence[CachedContext | None], made: Sequence[CachedContext]) -> None:
+        """After a call: ``used`` contexts become the most recent, ``made`` ones join (replacing their prefixes),
+        then the least recent of the others go until the pool is within ``capacity`` tokens."""
+        distinct: dict[tuple[int, ...], CachedContext] = {}
+        for c in made:  # episodes that wrote the same text from the same prompt: one context
+            distinct.setdefault(tuple(c.ids.tolist()), c)
+        made = list(distinct.values())
+        recent = {id(c) for c in [*used, *made] if c is not None}
+        kept = [c for c in self.contexts + made if not any(_extends(longer, c) for longer in made if longer is not c)]
+        kept.sort(key=lambda c: id(c) in recent)  # stable: least recently used first
+        total = sum(len(c.ids) for c in kept)
+        while kept and id(kept[0]) not in recent and total > self.capacity:
+            total -= len(kept.pop(0).ids)
+        self.contexts = kept
+
+
+def _extends(longer: CachedContext, prefix: CachedContext) -> bool:
+    return len(prefix.ids) <= len(longer.ids) and common_prefix(prefix.ids, longer.ids) == len(prefix.ids)
 
 
 def shared_prefixes(prompts: list[torch.Tensor]) -> list[list[tuple[int, list[int]]]]:
@@ -108,17 +148,16 @@ class _TurnLayer(DynamicLayer):
 class PrefixCachePolicy(LocalPolicy):
     """:class:`LocalPolicy` with the same prompts (window and truncation) and stops, computed incrementally.
 
-    ``prefixes``: how many shared prefixes to keep besides the last call's episodes (a task's Monte-Carlo samples
-    start over several calls). ``prefilled`` counts the context tokens fed to the model (decoding steps aside), for
-    ``prefill_per_unique`` in ``benchmarks/rollout_speed.py``.
+    ``cache_tokens``: how many cached context tokens to keep besides the ones in use (a KV cache of
+    ``2 x layers x kv_heads x head_dim`` numbers per token: 46 KB for SmolLM2-135M in float32). ``prefilled`` counts
+    the context tokens fed to the model (decoding steps aside), for ``prefill_per_unique`` in
+    ``benchmarks/rollout_speed.py``.
     """
 
-    def __init__(self, *args: Any, prefixes: int = 16, **kwargs: Any):
+    def __init__(self, *args: Any, cache_tokens: int = 32768, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.prefixes = prefixes
         self.prefilled = 0
-        self._episodes: list[CachedContext] = []  # the last call's conversations, one each
-        self._shared: list[CachedContext] = []  # prefixes shared by conversations, newest last
+        self.pool = ContextPool(cache_tokens)  # a shallow copy (pipeline.make_policies' sampler) shares it
         self._sent: Counter = Counter()
         self._stop = StopStringCriteria(self.tokenizer, list(self.stop)) if self.stop else None
 
@@ -127,7 +166,7 @@ class PrefixCachePolicy(LocalPolicy):
 
     def clear(self) -> None:
         """Forgets every cached context (a benchmark's fresh start; the next call encodes its prefixes again)."""
-        self._episodes, self._shared = [], []
+        self.pool.contexts = []
 
     def generate(self, conversations: list[Conversation], keys: Sequence[str] | None = None) -> list[str]:
         if not conversations:
@@ -137,25 +176,15 @@ class PrefixCachePolicy(LocalPolicy):
         threads = torch.get_num_threads()
         torch.set_num_threads(self.threads or threads)
         try:
-            texts, self._episodes = self._turn(prompts, keys)
+            texts = self._turn(prompts, keys)
         finally:
             torch.set_num_threads(threads)
         return texts
 
-    def _match(self, ids: torch.Tensor, extra: Sequence[CachedContext] = ()) -> tuple[CachedContext | None, int]:
-        """The cached context sharing the longest prefix with ``ids``, and how many tokens it can give (at least
-        one token of ``ids`` is left to feed, whose logits start the turn)."""
-        best, reused = None, 0
-        for cached in [*self._episodes, *self._shared, *extra]:
-            n = min(common_prefix(cached.ids, ids), len(ids) - 1)
-            if n > reused:
-                best, reused = cached, n
-        return best, reused
-
     def _share_prefixes(self, prompts: list[torch.Tensor]) -> list[CachedContext]:
         """Encodes once each prefix that two or more ``prompts`` share beyond what is cached for them, a batched
-        forward per level of the prefix tree; returns the new contexts (also kept in ``_shared``)."""
-        reused = [self._match(p)[1] for p in prompts]
+        forward per level of the prefix tree; returns the new contexts."""
+        reused = [self.pool.match(p)[1] for p in prompts]
         new: list[CachedContext] = []
         for level in shared_prefixes(prompts):
             rows = []
@@ -163,12 +192,10 @@ class PrefixCachePolicy(LocalPolicy):
                 if sum(length > reused[i] for i in members) < 2:
                     continue  # cached already for all but one member: nothing saved
                 ids = prompts[members[0]][:length]
-                base, n = self._match(ids, new)
-                rows.append((base, n, ids))
+                rows.append((*self.pool.match(ids, new), ids))
             if rows:
                 cache, mask, _ = self._prefill(rows, 0)
                 new += [_extract(cache, mask, row, ids) for row, (_, _, ids) in enumerate(rows)]
-        self._shared = (self._shared + new)[-self.prefixes:] if self.prefixes else []
         return new
 
     @torch.no_grad()
@@ -211,10 +238,10 @@ class PrefixCachePolicy(LocalPolicy):
         return out.cache, mask, out.logits[:, -1].float()
 
     @torch.no_grad()
-    def _turn(self, prompts: list[torch.Tensor], keys: list[str]) -> tuple[list[str], list[CachedContext]]:
+    def _turn(self, prompts: list[torch.Tensor], keys: list[str]) -> list[str]:
         """One assistant turn for every prompt: batched prefill of the new tokens, then one decoding loop."""
         new = self._share_prefixes(prompts) if len(prompts) > 1 else []
-        rows = [(*self._match(p, new), p) for p in prompts]
+        rows = [(*self.pool.match(p, new), p) for p in prompts]
         cache, mask, logits = self._prefill(rows, self.max_new_tokens)
         generators = [torch.Generator(device=self.device).manual_seed(request_seed(self.seed, k)) for k in keys]
         warpers = [TemperatureLogitsWarper(self.temperature), TopPLogitsWarper(self.top_p)] if self.temperature > 0 \
@@ -232,14 +259,15 @@ class PrefixCachePolicy(LocalPolicy):
             done = torch.isin(tokens, eos)
             if self._stop is not None:
                 done |= self._stop(tails, logits)
-            for row, i in enumerate(live):
-                generated[i].append(int(tokens[row]))
+            for i, token in zip(live, tokens.tolist()):
+                generated[i].append(token)
             if step == self.max_new_tokens - 1:
                 done[:] = True
             finished = done.nonzero()[:, 0].tolist()
             for row in finished:  # the cache holds the prompt and the generated tokens fed so far
                 i = live[row]
-                contexts[i] = _extract(cache, mask, row, torch.cat([prompts[i], torch.tensor(generated[i][:-1])]))
+                fed = torch.tensor(generated[i][:-1], dtype=torch.long, device=self.device)
+                contexts[i] = _extract(cache, mask, row, torch.cat([prompts[i], fed]))
             if len(finished) == len(live):
                 break
             if finished:  # finished sequences leave the batch
@@ -251,8 +279,9 @@ class PrefixCachePolicy(LocalPolicy):
             out = self.model(input_ids=tokens[:, None], attention_mask=mask, position_ids=lengths[:, None],
                              cache=cache, use_cache=True)
             cache, logits, lengths = out.cache, out.logits[:, -1].float(), lengths + 1
+        self.pool.update([base for base, _, _ in rows], [c for c in contexts if c is not None] + new)
         texts = self.tokenizer.batch_decode(generated, skip_special_tokens=True)
-        return [truncate_at_stop(t, self.stop) for t in texts], [c for c in contexts if c is not None]
+        return [truncate_at_stop(t, self.stop) for t in texts]
 
     def _pick(self, logits: torch.Tensor, warpers: list[Any], generators: list[torch.Generator]) -> torch.Tensor:
         """Greedy, or one draw per row from its own generator (independent of the other rows)."""

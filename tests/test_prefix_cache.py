@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 
 from hpl_lightning.policies import LocalPolicy
-from hpl_lightning.prefix_cache import PrefixCachePolicy, local_policy, shared_prefixes
+from hpl_lightning.prefix_cache import CachedContext, ContextPool, PrefixCachePolicy, local_policy, shared_prefixes
 from tests.test_local_policy import HEAD, force_next_token
 
 BUDGETS = [2, 5, 3, 6]  # turns per episode: they leave the batch at different turns
@@ -126,3 +126,30 @@ def shared_instruction(policy: LocalPolicy) -> int:
 def test_the_engine_is_chosen_by_name():
     assert type(local_policy("hpl-tiny", "recompute")) is LocalPolicy
     assert type(local_policy("hpl-tiny", "prefix-cache")) is PrefixCachePolicy
+
+
+def test_the_context_pool_keeps_no_prefix_of_another_and_forgets_the_least_recent_first():
+    def context(*ids: int) -> CachedContext:
+        return CachedContext(torch.tensor(ids), [], [])
+
+    pool = ContextPool(capacity=7)
+    a, b = context(1, 2, 3), context(4, 5, 6)
+    pool.update([], [a, b])
+    assert pool.match(torch.tensor([1, 2, 3, 9])) == (a, 3) and pool.match(torch.tensor([1, 2])) == (a, 1)
+    longer = context(1, 2, 3, 7)  # continues a: a goes
+    pool.update([a], [longer, context(1, 2, 3, 7)])  # the same context twice: kept once
+    assert [id(x) for x in pool.contexts] == [id(b), id(longer)]
+    c = context(8, 9)
+    pool.update([b], [c])  # 9 tokens > 7: the least recently used (longer) goes, not the ones just used or made
+    assert [id(x) for x in pool.contexts] == [id(b), id(c)]
+
+
+def test_greedy_and_sampling_policies_of_an_exploration_share_one_pool():
+    from hpl_lightning.pipeline import make_policies
+
+    policies = make_policies("hpl-tiny", None, 8, 1.0, 4, None, 0, "float32", "cpu")
+    assert policies[False].pool is policies[True].pool and policies[True].temperature == 1.0
+    policies[False].generate([start(1)])
+    before = policies[True].prefilled
+    policies[True].generate([start(1)], ["k"])  # the greedy call's context serves the sampler
+    assert policies[True].prefilled - before == 1
