@@ -95,10 +95,10 @@ def _extends(longer: CachedContext, prefix: CachedContext) -> bool:
 
 def shared_prefixes(prompts: list[torch.Tensor]) -> list[list[tuple[int, list[int]]]]:
     """The prefixes worth encoding once for ``prompts``, by level: each ``(length, members)`` is a prefix that the
-    prompts ``members`` (two or more) share, at most one token shorter than the shortest (its last token is fed with
-    the prompt's own tokens). Level 0 holds the longest prefixes of disjoint groups; a prefix at a deeper level
-    extends one of the level above (the prefix tree of the sorted prompts: all episodes share the instruction, the
-    Monte-Carlo samples of one task its expert prefix)."""
+    prompts ``members`` (two or more) share. Level 0 holds the longest prefixes of disjoint groups; a prefix at a
+    deeper level extends one of the level above (the prefix tree of the sorted prompts: all episodes share the
+    instruction, the Monte-Carlo samples of one task its expert prefix, identical prompts all of it). A member
+    continuing from a prefix that is its whole prompt feeds its last token again (its logits start the turn)."""
     order = sorted(range(len(prompts)), key=lambda i: prompts[i].tolist())
     adjacent = [common_prefix(prompts[a], prompts[b]) for a, b in zip(order, order[1:])]
     levels: list[list[tuple[int, list[int]]]] = []
@@ -106,7 +106,7 @@ def shared_prefixes(prompts: list[torch.Tensor]) -> list[list[tuple[int, list[in
     def split(lo: int, hi: int, above: int, level: int) -> None:  # members order[lo:hi], sharing `above` tokens
         if hi - lo < 2:
             return
-        length = min(min(adjacent[lo:hi - 1]), min(len(prompts[order[k]]) for k in range(lo, hi)) - 1)
+        length = min(adjacent[lo:hi - 1])
         if length > above:
             levels.extend([] for _ in range(level + 1 - len(levels)))
             levels[level].append((length, [order[k] for k in range(lo, hi)]))

@@ -93,9 +93,12 @@ def test_shared_prefixes_are_the_prefix_tree_of_the_prompts():
     prompts = [torch.tensor(p) for p in ([1, 2, 3, 4, 5, 6], [1, 2, 3, 4, 5, 7], [1, 2, 3, 9, 9], [1, 2, 3, 9, 8],
                                          [1, 2, 3, 4, 5, 6])]
     assert shared_prefixes(prompts) == [[(3, [0, 4, 1, 3, 2])],  # every prompt: the instruction
-                                        [(5, [0, 4, 1]), (4, [3, 2])]]  # each task's prefix, under it
-    # identical prompts share all but their last token, which each row feeds itself
-    assert shared_prefixes([torch.tensor([1, 2, 3])] * 2) == [[(2, [0, 1])]]
+                                        [(5, [0, 4, 1]), (4, [3, 2])],  # each task's prefix, under it
+                                        [(6, [0, 4])]]  # identical prompts (M samples of one state): all of it
+    assert shared_prefixes([torch.tensor([1, 2, 3])] * 2) == [[(3, [0, 1])]]
+    # a short prompt inside a group does not stop the others from sharing more (it once did: [[(1, ...)]])
+    assert shared_prefixes([torch.tensor(p) for p in ([1, 2], [1, 2, 3, 4], [1, 2, 3, 4])]) == \
+        [[(2, [0, 1, 2])], [(4, [1, 2])]]
     assert shared_prefixes([torch.tensor([1, 2]), torch.tensor([5, 6])]) == []
 
 
