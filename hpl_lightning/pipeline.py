@@ -278,15 +278,15 @@ def task_resolver(benchmark: str, env: Environment) -> Callable[[Trajectory], Ta
 
 
 def make_policies(policy: str, base_url: str | None, max_new_tokens: int, temperature: float, batch_size: int,
-                  threads: int | None, seed: int, dtype: str, device: str, engine: Engine = DEFAULT_ENGINE
-                  ) -> dict[bool, Policy]:
+                  threads: int | None, seed: int, dtype: str, device: str, engine: Engine = DEFAULT_ENGINE,
+                  max_context: int | None = None) -> dict[bool, Policy]:
     """A greedy and a sampling policy sharing one model (``False``: greedy, ``True``: ``temperature``)."""
     greedy: Policy
     if base_url is not None:
         greedy = OpenAIPolicy(policy, base_url=base_url, max_tokens=max_new_tokens, seed=seed)
     else:
         greedy = local_policy(policy, engine, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                              threads=threads, seed=seed, dtype=dtype, device=device)
+                              threads=threads, seed=seed, dtype=dtype, device=device, max_context=max_context)
     sampler = copy.copy(greedy)  # shares the weights (and nothing it changes); Policy has no per-call temperature
     sampler.temperature = temperature  # type: ignore[attr-defined]
     return {False: greedy, True: sampler}
@@ -313,6 +313,7 @@ def explore(
     env_kwargs: dict[str, Any] | None = None,
     progress: bool = True,
     engine: Engine = DEFAULT_ENGINE,
+    max_context: int | None = None,
 ) -> dict[str, Any]:
     """Rollouts from the expert trajectories (segmented, for the group level) with MC estimates, appended to
     ``output`` as they finish; a re-run skips finished rollouts. Prints where the time went.
@@ -342,6 +343,8 @@ def explore(
         engine: how a local model computes a turn (``prefix_cache.Engine``): ``prefix-cache`` encodes each unique
             context token about once (a task's expert prefix once for all its samples), ``recompute`` re-encodes
             every context at every turn. Samples differ between the two (per-request vs per-batch seeds).
+        max_context: a local model's window (default: the model's); the oldest turns after the task statement go
+            first, as in training (``--data.max_length``: set both alike).
     """
     if benchmark not in BENCHMARKS:
         raise UsageError(f"--benchmark: unknown benchmark {benchmark!r}; expected one of {sorted(BENCHMARKS)}")
@@ -361,7 +364,7 @@ def explore(
         if benchmark == "sciworld":
             kwargs.setdefault("step_budget", False)
         policies = make_policies(policy, base_url, max_new_tokens, temperature, batch_size, threads, seed, dtype,
-                                 device, engine)
+                                 device, engine, max_context)
         spec = BENCHMARKS[benchmark]
         with EnvPool(lambda: spec.make_env(**kwargs), envs) as pool:
             explorer = Explorer(pool, policies, path, exploration, progress)

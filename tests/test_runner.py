@@ -20,6 +20,7 @@ import pytest
 from hpl_lightning.envs.sciworld import DEFAULT_SPLITS
 from hpl_lightning.experiment import KINDS, Experiment, Shard, Stage, StageKind, build_plan, load, run
 from hpl_lightning.experiment.provenance import CodeIndex, Provenance
+from hpl_lightning.experiment.settings import Training
 from hpl_lightning.experiment.records import DONE_FILE, read_record, write_record
 from hpl_lightning.experiment.status import describe_plan, status
 
@@ -219,3 +220,13 @@ def test_code_fingerprints_are_the_same_in_every_process() -> None:
                            env={**os.environ, "PYTHONHASHSEED": seed}).stdout for seed in ("1", "2")}
     prov = Provenance()
     assert runs == {json.dumps({k.name: prov.fingerprint(k.code, {})["fingerprint"] for k in KINDS}) + "\n"}
+
+
+def test_rollouts_see_the_window_training_saw(tmp_path: Path) -> None:
+    """Exploration and evaluation keep a local model's context within training's data.max_length unless told."""
+    exp = Experiment(str(tmp_path), training=Training(options={"data": {"max_length": 1024}}))
+    assert exp.rollout_window(None) == 1024 and exp.rollout_window(2048) == 2048
+    base = tmp_path / "train.yaml"
+    base.write_text("data:\n  max_length: 512\n")
+    assert Experiment(str(tmp_path), training=Training(config=str(base))).rollout_window(None) == 512
+    assert Experiment(str(tmp_path)).rollout_window(None) is None  # the model's own window

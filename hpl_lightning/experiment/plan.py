@@ -24,8 +24,8 @@ from hpl_lightning.experiment.settings import PREFERENCE_LEVELS, SFT_DEFAULTS, S
 # they existed: at that value they stay out of the key, so the published stages are still found (whether they are
 # current is their code fingerprint's business, not their key's); any other value moves the key.
 ADDED_LATER: dict[str, dict[str, Any]] = {"pairs.filters": {"step_both_directions": False},
-                                          "exploration": {"engine": "recompute"},
-                                          "evaluation": {"engine": "recompute"}}
+                                          "exploration": {"engine": "recompute", "max_context": None},
+                                          "evaluation": {"engine": "recompute", "max_context": None}}
 
 
 def without_added_later(params: dict[str, Any], where: str) -> dict[str, Any]:

@@ -10,6 +10,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Sequence
 
+import yaml
+
 from hpl_lightning.errors import UsageError
 from hpl_lightning.explore import ExploreConfig
 from hpl_lightning.pairs import PairFilters
@@ -72,6 +74,7 @@ class Exploration:
     threads: int | None = None
     seed: int = 0
     engine: Engine = DEFAULT_ENGINE  # a local model's (prefix_cache.Engine); samples differ between engines
+    max_context: int | None = None  # a local model's window; None: training's data.max_length, else the model's
 
 
 @dataclass
@@ -85,6 +88,7 @@ class Evaluation:
     threads: int | None = None
     limit: int | None = None  # first N tasks of each split
     engine: Engine = DEFAULT_ENGINE  # a local model's (prefix_cache.Engine): the same greedy text, faster
+    max_context: int | None = None  # a local model's window; None: training's data.max_length, else the model's
     confidence: float = 0.95
     baselines: list[str] = field(default_factory=lambda: ["sft", "eto"])  # paired comparisons: every arm vs these
 
@@ -255,6 +259,18 @@ class Experiment:
             raise UsageError(f"seeds: expected distinct seeds, got {self.seeds}")
         if len(set(self.arm_names)) != len(self.arm_names):
             raise UsageError(f"arms: {self.arm_names} names an arm twice")
+
+    def rollout_window(self, max_context: int | None) -> int | None:
+        """The context window of exploration or evaluation: ``max_context``, else the training runs'
+        ``data.max_length`` (options, then the base YAML), so that rollouts see the contexts training saw; None:
+        the model's own window."""
+        if max_context is not None:
+            return max_context
+        options = flatten(self.training.options)
+        if "data.max_length" in options:
+            return options["data.max_length"]
+        base = yaml.safe_load(Path(self.training.config).read_text()) if self.training.config else None
+        return ((base or {}).get("data") or {}).get("max_length")
 
     @property
     def publishes(self) -> bool:

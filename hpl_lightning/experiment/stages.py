@@ -86,7 +86,8 @@ def explore(exp: Experiment, plan: Plan, st: Stage, shard: Shard | None) -> dict
             str(source), str(out / "rollouts.jsonl"), exp.benchmark.name,
             replace(e.config, levels=tuple(st.params["levels"])), policy, base_url, e.envs, None, ids,
             e.max_new_tokens, e.temperature, e.batch_size, e.threads, st.params["seed"], exp.dtype, exp.device,
-            None, env_kwargs(exp, plan), progress=False, engine=e.engine)
+            None, env_kwargs(exp, plan), progress=False, engine=e.engine,
+            max_context=exp.rollout_window(e.max_context))
     return {"tasks": ids, "rollouts": summary.get("rollouts")}
 
 
@@ -155,7 +156,7 @@ def evaluate(exp: Experiment, plan: Plan, st: Stage, shard: Shard | None) -> dic
         else:
             policy = local_policy(name, ev.engine, max_new_tokens=ev.max_new_tokens, temperature=ev.temperature,
                                   batch_size=ev.batch_size, seed=seed, threads=ev.threads, dtype=exp.dtype,
-                                  device=exp.device)
+                                  device=exp.device, max_context=exp.rollout_window(ev.max_context))
         summary = run_episodes(policy, exp.benchmark.name, split, out, workers=ev.workers,
                                limit=ev.limit if ids is None else None, task_ids=ids, env_kwargs=kwargs,
                                progress=False)
