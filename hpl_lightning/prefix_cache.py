@@ -1,8 +1,8 @@
 """Rollouts that prefill each unique context token once, with every episode in flight in one decoding loop (issue 21).
 
-LocalPolicy's recompute path re-encodes every conversation at every turn (a 10-turn ScienceWorld episode prefills
-~8x its unique tokens) and its ``reuse_cache`` path runs one episode at a time. Here each episode keeps the KV cache
-of its previous turn; prefixes that several conversations of a call share (the system turn and instruction of every
+LocalPolicy (the ``recompute`` engine) re-encodes every conversation at every turn: a 10-turn ScienceWorld episode
+prefills ~8x its unique tokens. Here each episode continues from the KV cache of its previous turn (a ``ContextPool``
+kept across calls); prefixes that several conversations of a call share (the system turn and instruction of every
 episode, a task's expert prefix under its Monte-Carlo samples) are encoded once and kept; and a turn prefills only
 each episode's new tokens, batched: per-episode caches of different lengths are left-padded into one batch cache,
 with per-row positions, so the keys/values and hence the greedy text are the ones the recompute path computes (up to
