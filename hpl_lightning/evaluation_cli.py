@@ -5,6 +5,7 @@
     hpl-evaluate run --benchmark intercode_sql --policy Qwen/Qwen2.5-7B-Instruct --base_url http://host:8000/v1
     hpl-evaluate replay --recordings ../shared/data/intercode_sql/gpt-3.5_react_10_turns.json
     hpl-evaluate gold --benchmark sciworld --split dev
+    hpl-evaluate window --episodes runs/.../episodes.jsonl --model smollm2-135m-instruct --max_context 2048
 
 ``run`` is resumable: run the same command again after a crash or Ctrl-C and it continues where it stopped.
 Every subcommand takes ``--config FILE.yaml`` and ``--print_config``; ``hpl-evaluate run --help`` lists all.
@@ -24,8 +25,9 @@ from hpl_lightning.console import ShortErrorParser, one_line_errors
 from hpl_lightning.envs.intercode_replay import ReplayStopped, replay, start_server
 from hpl_lightning.envs.sciworld import gold
 from hpl_lightning.errors import UsageError
-from hpl_lightning.evaluation import EvaluationAborted, evaluate
-from hpl_lightning.policies import MAX_NEW_TOKENS, OpenAIPolicy, Policy
+from hpl_lightning.evaluation import EvaluationAborted, cut_turns, evaluate, read_episodes
+from hpl_lightning.models import load_tokenizer
+from hpl_lightning.policies import MAX_NEW_TOKENS, OpenAIPolicy, Policy, render_prompt
 from hpl_lightning.prefix_cache import DEFAULT_ENGINE, Engine, local_policy
 
 
@@ -103,12 +105,38 @@ def run(
     return evaluate(agent, benchmark, split, out, workers=workers, limit=limit, task_ids=task_ids, env_kwargs=kwargs)
 
 
+def window(episodes: list[str], model: str = "hpl-tiny", max_context: int = 2048,
+           max_new_tokens: int = MAX_NEW_TOKENS) -> dict[str, list[int]]:
+    """How many agent turns of finished evaluations had a prompt longer than the context budget (``max_context`` −
+    ``max_new_tokens``, as ``run`` cuts it), so the oldest turns were dropped; per task group and in all.
+
+    Args:
+        episodes: episodes.jsonl files written by ``run``.
+        model: the policy's tokenizer (its chat template counts the tokens).
+        max_context: the ``run``'s context in tokens.
+        max_new_tokens: the ``run``'s new tokens per turn.
+    """
+    tokenizer = load_tokenizer(model)
+    budget = max_context - max_new_tokens
+    counts: dict[str, list[int]] = {}  # group -> [turns, turns cut]
+    for path in episodes:
+        for record in read_episodes(Path(path)):
+            cut = cut_turns(record, lambda m: len(render_prompt(tokenizer, m)), budget)
+            for group in (record.group, "all"):
+                n = counts.setdefault(group, [0, 0])
+                n[0], n[1] = n[0] + len(cut), n[1] + sum(cut)
+    print(f"turns whose prompt passed {budget} tokens ({max_context} - {max_new_tokens}), old turns dropped:")
+    for group, (turns, cut) in sorted(counts.items(), key=lambda kv: (kv[0] == "all", kv[0])):
+        print(f"  {group}: {cut} of {turns} ({100 * cut / turns if turns else 0:.1f}%)")
+    return counts
+
+
 def main(args: list[str] | None = None) -> None:
     """``hpl-evaluate``: a bad path or a reused output directory is one line (status 2), a failed evaluation
     (backend down, nothing scored) one line with the reason (status 1)."""
     with one_line_errors(FileNotFoundError):
         try:
-            CLI([run, replay, gold], as_positional=False, parser_class=ShortErrorParser, args=args)
+            CLI([run, replay, gold, window], as_positional=False, parser_class=ShortErrorParser, args=args)
         except (EvaluationAborted, ReplayStopped) as e:  # finished work is saved; the message says how to resume
             print(f"error: {e}", file=sys.stderr)
             sys.exit(1)

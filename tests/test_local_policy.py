@@ -4,9 +4,14 @@ engine computes the same text: tests/test_prefix_cache.py.)"""
 
 from __future__ import annotations
 
+from dataclasses import asdict
+
 import torch
 
-from hpl_lightning.policies import LocalPolicy
+from hpl_lightning.evaluation import EpisodeRecord, cut_turns
+from hpl_lightning.evaluation_cli import window
+from hpl_lightning.policies import LocalPolicy, render_prompt
+from hpl_lightning.schema import write_jsonl
 
 HEAD = [
     {"role": "user", "content": "You are a lab agent. Answer with Thought: and Action: lines."},
@@ -54,6 +59,23 @@ def test_context_never_exceeds_the_window_and_drops_the_oldest_turns_first():
     calls = spy_on_generate(policy)
     policy.generate([messages, conversation(turns=3)])
     assert calls and all(prompt + new <= 600 for prompt, new in calls)
+
+
+def test_cut_turns_are_the_turns_whose_prompt_the_policy_cut(tmp_path, capsys):
+    policy = LocalPolicy("hpl-tiny", max_context=600, max_new_tokens=16)
+    messages = conversation(turns=12)
+    record = EpisodeRecord("t/1", "boil", 0.0, False, 12, [], [], messages)
+    cut = cut_turns(record, lambda m: len(render_prompt(policy.tokenizer, m)), 600 - 16)
+    # what the policy did at each turn: the prompt is the whole conversation so far, or it dropped turns
+    at = [i for i, m in enumerate(messages) if i >= len(HEAD) and m["role"] == "assistant"]
+    dropped = [policy.prompt_ids(messages[:i]) != render_prompt(policy.tokenizer, messages[:i]) for i in at]
+    assert len(cut) == 12 and cut == dropped and 0 < sum(cut) < 12  # the early turns fit, the late ones do not
+
+    path = tmp_path / "episodes.jsonl"
+    write_jsonl(path, [asdict(record)])
+    counts = window([str(path)], model="hpl-tiny", max_context=600, max_new_tokens=16)
+    assert counts == {"boil": [12, sum(cut)], "all": [12, sum(cut)]}
+    assert f"boil: {sum(cut)} of 12" in capsys.readouterr().out
 
 
 def test_the_default_window_is_the_models_and_a_huge_observation_is_cut_in_the_middle():
