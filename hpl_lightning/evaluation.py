@@ -26,7 +26,7 @@ from collections import deque
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import MappingProxyType
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 from tqdm.auto import tqdm
 
@@ -42,7 +42,7 @@ from hpl_lightning.envs.base import (
 from hpl_lightning.envs.pool import EnvPool
 from hpl_lightning.errors import UsageError
 from hpl_lightning.policies import Policy
-from hpl_lightning.schema import append_jsonl, head_length, write_jsonl
+from hpl_lightning.schema import append_jsonl, write_jsonl
 
 EPISODES_FILE, SUMMARY_FILE, PLOT_FILE, RUN_FILE = "episodes.jsonl", "summary.json", "outcomes.png", "run.json"
 
@@ -129,14 +129,6 @@ def read_episodes(path: Path) -> list[EpisodeRecord]:
                 raise ValueError(f"{path}:{i + 1} is not valid JSON (only a last line cut short is expected)")
             write_jsonl(path, [asdict(r) for r in records])
     return records
-
-
-def cut_turns(record: EpisodeRecord, prompt_length: Callable[[list[dict[str, str]]], int], budget: int) -> list[bool]:
-    """Per agent turn of an episode, whether its prompt (the conversation before that turn) was over ``budget``
-    tokens, i.e. whether the policy dropped old turns to fit its window (``LocalPolicy.prompt_ids``)."""
-    start = head_length(record.messages)  # the task head's in-context example is not a turn
-    return [prompt_length(record.messages[:i]) > budget
-            for i, m in enumerate(record.messages) if i >= start and m["role"] == "assistant"]
 
 
 def _check_run(output_dir: Path, identity: dict[str, Any]) -> None:

@@ -25,9 +25,10 @@ from hpl_lightning.console import ShortErrorParser, one_line_errors
 from hpl_lightning.envs.intercode_replay import ReplayStopped, replay, start_server
 from hpl_lightning.envs.sciworld import gold
 from hpl_lightning.errors import UsageError
-from hpl_lightning.evaluation import EvaluationAborted, cut_turns, evaluate, read_episodes
+from hpl_lightning.evaluation import EpisodeRecord, EvaluationAborted, evaluate, read_episodes
 from hpl_lightning.models import load_tokenizer
-from hpl_lightning.policies import MAX_NEW_TOKENS, OpenAIPolicy, Policy, render_prompt
+from hpl_lightning.policies import MAX_NEW_TOKENS, Conversation, OpenAIPolicy, Policy
+from hpl_lightning.schema import head_length
 from hpl_lightning.prefix_cache import DEFAULT_ENGINE, Engine, local_policy
 
 
@@ -105,6 +106,19 @@ def run(
     return evaluate(agent, benchmark, split, out, workers=workers, limit=limit, task_ids=task_ids, env_kwargs=kwargs)
 
 
+def cut_turns(record: EpisodeRecord, tokenizer: Any, budget: int) -> list[bool]:
+    """Per agent turn of an episode, whether its prompt (the conversation before that turn, rendered as
+    ``LocalPolicy.prompt_ids`` renders it) was over ``budget`` tokens, i.e. whether the policy dropped old turns.
+    (Here, not in ``evaluation``/``policies``: a study's stages fingerprint those modules, and this only reads.)"""
+    def length(conversation: Conversation) -> int:
+        text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    start = head_length(record.messages)  # the task head's in-context example is not a turn
+    return [length(record.messages[:i]) > budget
+            for i, m in enumerate(record.messages) if i >= start and m["role"] == "assistant"]
+
+
 def window(episodes: list[str], model: str = "hpl-tiny", max_context: int = 2048,
            max_new_tokens: int = MAX_NEW_TOKENS) -> dict[str, list[int]]:
     """How many agent turns of finished evaluations had a prompt longer than the context budget (``max_context`` −
@@ -121,7 +135,7 @@ def window(episodes: list[str], model: str = "hpl-tiny", max_context: int = 2048
     counts: dict[str, list[int]] = {}  # group -> [turns, turns cut]
     for path in episodes:
         for record in read_episodes(Path(path)):
-            cut = cut_turns(record, lambda m: len(render_prompt(tokenizer, m)), budget)
+            cut = cut_turns(record, tokenizer, budget)
             for group in (record.group, "all"):
                 n = counts.setdefault(group, [0, 0])
                 n[0], n[1] = n[0] + len(cut), n[1] + sum(cut)

@@ -60,12 +60,6 @@ def request_keys(conversations: list[Conversation], sent: Counter) -> list[str]:
     return keys
 
 
-def render_prompt(tokenizer: Any, conversation: Conversation) -> list[int]:
-    """The tokens of ``conversation`` rendered by the chat template with the assistant's turn opened, uncut."""
-    text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 class Policy(ABC):
     """Writes one assistant turn per conversation; ``describe`` identifies it in results (resume checks)."""
 
@@ -146,7 +140,8 @@ class LocalPolicy(Policy):
     def prompt_ids(self, conversation: Conversation) -> list[int]:
         """The tokens the model sees for ``conversation``: its chat rendering, cut to the context budget."""
         def render(messages: Conversation) -> list[int]:
-            return render_prompt(self.tokenizer, messages)
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
         if self.max_context is None:
             return render(conversation)

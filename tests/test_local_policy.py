@@ -8,9 +8,9 @@ from dataclasses import asdict
 
 import torch
 
-from hpl_lightning.evaluation import EpisodeRecord, cut_turns
-from hpl_lightning.evaluation_cli import window
-from hpl_lightning.policies import LocalPolicy, render_prompt
+from hpl_lightning.evaluation import EpisodeRecord
+from hpl_lightning.evaluation_cli import cut_turns, window
+from hpl_lightning.policies import LocalPolicy
 from hpl_lightning.schema import write_jsonl
 
 HEAD = [
@@ -65,10 +65,14 @@ def test_cut_turns_are_the_turns_whose_prompt_the_policy_cut(tmp_path, capsys):
     policy = LocalPolicy("hpl-tiny", max_context=600, max_new_tokens=16)
     messages = conversation(turns=12)
     record = EpisodeRecord("t/1", "boil", 0.0, False, 12, [], [], messages)
-    cut = cut_turns(record, lambda m: len(render_prompt(policy.tokenizer, m)), 600 - 16)
+    cut = cut_turns(record, policy.tokenizer, 600 - 16)
     # what the policy did at each turn: the prompt is the whole conversation so far, or it dropped turns
     at = [i for i, m in enumerate(messages) if i >= len(HEAD) and m["role"] == "assistant"]
-    dropped = [policy.prompt_ids(messages[:i]) != render_prompt(policy.tokenizer, messages[:i]) for i in at]
+    def whole(conversation):  # the prompt uncut
+        text = policy.tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+        return policy.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    dropped = [policy.prompt_ids(messages[:i]) != whole(messages[:i]) for i in at]
     assert len(cut) == 12 and cut == dropped and 0 < sum(cut) < 12  # the early turns fit, the late ones do not
 
     path = tmp_path / "episodes.jsonl"
