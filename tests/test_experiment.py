@@ -97,6 +97,21 @@ def test_plan_shares_sft_and_exploration_and_hashes_by_config(tmp_path: Path) ->
         Experiment(str(tmp_path), arms=["sft", "hpl-jaccard"])
 
 
+def test_a_training_option_sft_unsets_changes_the_preference_runs_only(tmp_path: Path) -> None:
+    from hpl_lightning.experiment import Training
+
+    def plan(options, sft_options):
+        return build_plan(Experiment(str(tmp_path), arms=["sft", "eto"], training=Training(options=options),
+                                     sft=SFT(options=sft_options)), KINDS)
+
+    base = plan({"model.beta": 0.3}, {})
+    bf16 = plan({"model.beta": 0.3, "trainer.precision": "bf16-mixed"}, {"trainer.precision": None})
+    assert bf16.sft[None].key == base.sft[None].key  # the SFT model is not trained again
+    assert "trainer.precision" not in bf16.sft[None].params["options"]  # nor given the option
+    assert bf16.runs[("eto", 0)].key != base.runs[("eto", 0)].key  # the preference runs take it
+    assert plan({"model.beta": 0.3, "trainer.precision": "bf16-mixed"}, {}).sft[None].key != base.sft[None].key
+
+
 def test_the_evaluation_cut_changes_only_the_evaluations(tmp_path: Path) -> None:
     from hpl_lightning.experiment import Benchmark
 

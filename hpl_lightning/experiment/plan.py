@@ -151,12 +151,12 @@ def build_plan(exp: Experiment, kinds: Sequence[KindEntry]) -> Plan:
     for lineage in lineages:
         seed = exp.sft_cfg.seed if lineage is None else lineage
         tag = f"sft{seed}"  # the same directory for the same SFT model, shared or per seed
-        # hashed by the options the run gets (training.options under sft.options): a training option that
-        # sft.options overrides does not retrain the SFT model
-        sft_options = {**SFT_DEFAULTS, **flatten(exp.sft_cfg.options)}
+        # hashed by the options the run gets (training.options under sft.options; one sft.options sets to null is
+        # not given): a training option that sft.options overrides or unsets does not retrain the SFT model
+        sft_options = {k: v for k, v in {**training["options"], **SFT_DEFAULTS, **flatten(exp.sft_cfg.options)}.items()
+                       if v is not None}
         sft[lineage] = add(Stage("sft", tag, {"model": exp.model, "training_config": training["config"],
-                                              "options": {**training["options"], **sft_options}, "seed": seed},
-                                 [experts], root))
+                                              "options": sft_options, "seed": seed}, [experts], root))
         # a lineage of its own (sft.per_seed) also samples its rollouts with its seed
         lineage_explore = {**explore_params, "seed": exp.exploration.seed if lineage is None else lineage}
         explore = None

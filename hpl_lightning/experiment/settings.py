@@ -55,7 +55,8 @@ class Training:
 @dataclass
 class SFT:
     """The SFT stage: behaviour cloning on the experts (one curriculum phase, ``SFT_DEFAULTS``) with these
-    ``train.py`` options on top of ``training``; ``per_seed``: one SFT model per seed."""
+    ``train.py`` options on top of ``training`` (null unsets one of training's, e.g. a precision meant for the
+    preference runs); ``per_seed``: one SFT model per seed."""
 
     options: dict[str, Any] = field(default_factory=dict)
     per_seed: bool = False
