@@ -15,12 +15,14 @@ import json
 import math
 import os
 import platform
+import re
 import subprocess
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from hpl_lightning.stats import METHOD, Interval, mean_ci, paired_difference
+from hpl_lightning.stats import METHOD, Interval, holm, mean_ci, paired_difference
 
 METRICS = ("reward", "success")
 STALE_MARK = "†"
@@ -104,6 +106,80 @@ def comparisons(records: Sequence[dict[str, Any]], arms: Sequence[str], confiden
     return out
 
 
+_CLAIM = re.compile(r"\s*([\w.-]+)\s*([<>])\s*([\w.-]+)\s*")
+
+
+@dataclass(frozen=True)
+class Hypothesis:
+    """A pre-registered claim the report decides. ``claims``: ``"A > B"`` or ``"A < B"``, arm A's mean ``metric`` on
+    ``split`` above (below) arm B's, paired on (seed, task); every claim must hold. ``family``: tested with the other
+    family members under Holm's correction; otherwise alone at the report's level (e.g. a positive control)."""
+
+    name: str
+    claims: list[str] = field(default_factory=list)
+    split: str = "test"
+    metric: str = "reward"
+    family: bool = True
+
+    def parsed(self) -> list[tuple[str, str, int]]:
+        """(arm, other arm, +1 for ">" or -1 for "<") per claim; a malformed claim is a ValueError."""
+        out = []
+        for claim in self.claims:
+            m = _CLAIM.fullmatch(claim)
+            if m is None:
+                raise ValueError(f"hypothesis {self.name!r}: claim {claim!r} is not 'ARM > ARM' or 'ARM < ARM'")
+            out.append((m[1], m[3], 1 if m[2] == ">" else -1))
+        if not out:
+            raise ValueError(f"hypothesis {self.name!r}: no claims")
+        return out
+
+
+def decide(records: Sequence[dict[str, Any]], hypotheses: Sequence[Hypothesis], confidence: float
+           ) -> list[dict[str, Any]]:
+    """Each hypothesis's verdict. A claim's p is the two-sided p of its paired comparison when the difference has the
+    predicted sign, else 1; a hypothesis's p is its claims' largest (all must hold). Family members are
+    Holm-adjusted together; a hypothesis is supported when its (adjusted) p is below 1 − ``confidence``, i.e. when
+    every claim's interval at the level Holm tested it at (α / (m − rank) in the family, α alone) excludes 0 on the
+    predicted side. A hypothesis whose arms were not all evaluated yet is reported as such, outside the family."""
+    alpha = 1 - confidence
+    cells: dict[tuple[str, str, str], dict[tuple[int, str], float]] = defaultdict(dict)
+    for r in records:
+        for metric in METRICS:
+            cells[(r["arm"], r["split"], metric)][(r["seed"], r["task"])] = r[metric]
+
+    def compare(h: Hypothesis, arm: str, other: str, level: float):
+        return paired_difference(cells[(arm, h.split, h.metric)], cells[(other, h.split, h.metric)], 1 - level)
+
+    p: dict[int, float] = {}
+    for i, h in enumerate(hypotheses):
+        try:
+            tests = [(sign, compare(h, a, b, alpha)) for a, b, sign in h.parsed()]
+        except ValueError:  # an arm without evaluations on the split (yet)
+            continue
+        p[i] = max(c.p_value if sign * c.diff > 0 and not math.isnan(c.p_value) else 1.0 for sign, c in tests)
+    family = [i for i in p if hypotheses[i].family]
+    adjusted = dict(zip(family, holm([p[i] for i in family]))) if family else {}
+    rank = {i: r for r, i in enumerate(sorted(family, key=lambda i: p[i]))}
+    out = []
+    for i, h in enumerate(hypotheses):
+        row: dict[str, Any] = {"name": h.name, "claims": list(h.claims), "split": h.split, "metric": h.metric,
+                               "family": h.family}
+        if i not in p:
+            out.append({**row, "verdict": "not evaluated"})
+            continue
+        level = alpha / (len(family) - rank[i]) if h.family else alpha
+        p_adj = adjusted.get(i, p[i])
+        comparisons = []
+        for a, b, sign in h.parsed():
+            c = compare(h, a, b, level)
+            comparisons.append({"claim": f"{a} {'>' if sign > 0 else '<'} {b}", "diff": c.diff,
+                                "low": _finite(c.low), "high": _finite(c.high), "p_value": _finite(c.p_value),
+                                "tasks": c.n_tasks, "seeds": c.n_seeds})
+        out.append({**row, "p_value": p[i], "p_adjusted": p_adj, "level": level, "comparisons": comparisons,
+                    "verdict": "supported" if p_adj < alpha else "not supported"})
+    return out
+
+
 def _finite(x: float) -> float | None:
     """None for NaN (an interval one (seed, task) cell cannot have), which JSON cannot hold."""
     return None if math.isnan(x) else x
@@ -127,7 +203,7 @@ def _pct(ci: Interval) -> str:
 
 def format_markdown(title: str, arms: Sequence[str], splits: Sequence[str], main: dict[str, Any],
                     compared: list[dict[str, Any]], groups: dict[str, dict[str, Any]], confidence: float,
-                    stale_arms: Sequence[str] = ()) -> str:
+                    stale_arms: Sequence[str] = (), decided: Sequence[dict[str, Any]] = ()) -> str:
     level = f"{round(100 * confidence)}%"
     lines = [f"# {title}", "",
              f"Mean ± {level} CI (Student t) over seeds, on these tasks; rewards and success rates in percent; "
@@ -147,6 +223,25 @@ def format_markdown(title: str, arms: Sequence[str], splits: Sequence[str], main
     if stale_arms:
         lines += ["", f"{STALE_MARK} built on stages made by other code than this report's (--reuse_stale): see "
                       "'How this was produced'."]
+    if decided:
+        lines += ["", "## Pre-registered hypotheses", "",
+                  "Each claim's Δ in points with its interval at the level its hypothesis was tested at (Holm's "
+                  f"α / (m − rank) over the family's m hypotheses, α = {1 - confidence:.2g}; alone at α outside the "
+                  "family); a hypothesis's p is its claims' largest (1 where a difference has the wrong sign); "
+                  "supported when its Holm-adjusted p is below α.", "",
+                  "| hypothesis | claim | split | Δ [interval] | level | p | adjusted p | verdict |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for h in decided:
+            if h["verdict"] == "not evaluated":
+                lines.append(f"| {h['name']} | {'; '.join(h['claims'])} | {h['split']} | — | — | — | — | "
+                             "not evaluated |")
+                continue
+            for j, c in enumerate(h["comparisons"]):
+                tail = (f"{h['p_value']:.3f} | {h['p_adjusted']:.3f} | **{h['verdict']}**" if j == 0
+                        else "| |")
+                lines.append(f"| {h['name'] if j == 0 else ''} | {c['claim']} | {h['split']} | "
+                             f"{_points(c['diff'])} [{_points(c['low'])}, {_points(c['high'])}] | "
+                             f"{1 - h['level']:.4g} | {tail} |")
     if compared:
         lines += ["", "## Paired comparisons", "",
                   "Δ = arm − baseline in points, the mean over the (seed, task) cells both arms have. It estimates "
@@ -276,15 +371,17 @@ def write_results(root: Path, title: str, arms: Sequence[str], splits: Sequence[
                   evals: Mapping[tuple[str, int, str], tuple[str, Path]], confidence: float,
                   config: dict[str, Any], seconds: dict[str, float],
                   notes: Sequence[str] = (), baselines: Sequence[str] = ("sft", "eto"),
-                  provenance: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                  provenance: Mapping[str, Any] | None = None,
+                  hypotheses: Sequence[Hypothesis] = ()) -> dict[str, Any]:
     """Writes results.json, results.md and results.png to ``root`` and returns what results.json holds.
     ``seconds``: wall time per stage kind (summed over its stages and shards); ``notes``: markdown placed between
     the title and the table (a study's pre-registered protocol, its outcome); ``baselines``: the arms every other arm
     is compared with; ``provenance``: the command, code revision and machines behind the numbers (``command``,
     ``revision``, ``report_machine``, ``stage_machines``: machine -> number of stages; ``stage_commits``: stage
     kind -> commit -> number of stages; ``built_on_stale``: the evaluations built on stale stages, whose arms the
-    table marks)."""
+    table marks); ``hypotheses``: pre-registered claims, decided in their own section (:func:`decide`)."""
     records = collect(evals)
+    decided = decide(records, hypotheses, confidence)
     main = table(records, confidence)
     compared = comparisons(records, arms, confidence, baselines)
     group_names = {split: sorted({r["group"] for r in records if r["split"] == split}) for split in splits}
@@ -294,7 +391,7 @@ def write_results(root: Path, title: str, arms: Sequence[str], splits: Sequence[
               "| stage | minutes |", "|---|---|", *(f"| {k} | {v / 60:.1f} |" for k, v in seconds.items()),
               *_provenance_lines(provenance or {})]
     stale_arms = sorted({e["arm"] for e in (provenance or {}).get("built_on_stale") or []})
-    report = format_markdown(title, arms, splits, main, compared, groups, confidence, stale_arms)
+    report = format_markdown(title, arms, splits, main, compared, groups, confidence, stale_arms, decided)
     if notes:
         head, _, rest = report.partition("\n\n")
         report = "\n\n".join([head, *(n.strip() for n in notes), "## Results", rest])
@@ -302,7 +399,7 @@ def write_results(root: Path, title: str, arms: Sequence[str], splits: Sequence[
     (root / "results.md").write_text(report + "\n".join(timing) + "\n")
     plot(root / "results.png", arms, splits, main, title)
     result = {"config": config, "confidence": confidence, "arms": list(arms), "splits": list(splits),
-              "table": _json_table(main), "comparisons": compared,
+              "table": _json_table(main), "comparisons": compared, "hypotheses": decided,
               "per_task_type": {s: {g: _json_table(t) for g, t in gs.items()} for s, gs in groups.items()},
               "stage_seconds": seconds, "provenance": dict(provenance or {}),
               "episodes": records}

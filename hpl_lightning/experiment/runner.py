@@ -173,7 +173,7 @@ def report(exp: Experiment, plan: Plan, command: str | None, state: Status) -> d
     return write_results(exp.results_dir, title, exp.arm_names, exp.benchmark.eval_splits, evals,
                          exp.evaluation.confidence, config, dict(seconds),
                          [n.read_text(encoding="utf-8") for n in exp.report_notes], exp.evaluation.baselines,
-                         provenance)
+                         provenance, exp.evaluation.hypotheses)
 
 
 def _ancestry(st: Stage) -> list[Stage]:

@@ -17,13 +17,14 @@ from hpl_lightning.explore import ExploreConfig
 from hpl_lightning.pairs import PairFilters
 from hpl_lightning.policies import MAX_NEW_TOKENS
 from hpl_lightning.prefix_cache import DEFAULT_ENGINE, Engine
+from hpl_lightning.results import METRICS, Hypothesis
 
 PREFERENCE_LEVELS = ("trajectory", "step", "group")
 # The SFT stage is behaviour cloning on the experts: one curriculum phase, one pass; sft.options overrides (e.g.
 # three epochs: data.schedule {unit: epochs, length: 3} with trainer.max_epochs 3).
 SFT_DEFAULTS = {"data.curriculum.mode": "static", "trainer.max_epochs": 1}
 # Evaluation settings that change how results are summarised or how fast, not the episodes: not part of the hash.
-STATISTICS_ONLY = ("confidence", "baselines", "threads")
+STATISTICS_ONLY = ("confidence", "baselines", "threads", "hypotheses")
 
 
 @dataclass
@@ -92,6 +93,7 @@ class Evaluation:
     max_context: int | None = None  # a local model's window; None: training's data.max_length, else the model's
     confidence: float = 0.95
     baselines: list[str] = field(default_factory=lambda: ["sft", "eto"])  # paired comparisons: every arm vs these
+    hypotheses: list[Hypothesis] = field(default_factory=list)  # pre-registered claims the report decides
 
 
 @dataclass
@@ -260,6 +262,7 @@ class Experiment:
             raise UsageError(f"seeds: expected distinct seeds, got {self.seeds}")
         if len(set(self.arm_names)) != len(self.arm_names):
             raise UsageError(f"arms: {self.arm_names} names an arm twice")
+        self._check_hypotheses()
 
     def rollout_window(self, max_context: int | None) -> int | None:
         """The context window of exploration or evaluation: ``max_context``, else the training runs'
@@ -288,6 +291,22 @@ class Experiment:
             unknown = set(options) - {f.name for f in fields(SEGMENTERS[name].config_class)}
             if unknown:
                 raise UsageError(f"segmenters.{name}: unknown options {sorted(unknown)}")
+
+    def _check_hypotheses(self) -> None:
+        """A claim on an arm or split the experiment does not have fails here, not after the study ran."""
+        for i, h in enumerate(self.evaluation.hypotheses):
+            where = f"evaluation.hypotheses[{i}] ({h.name!r})"
+            try:
+                claims = h.parsed()
+            except ValueError as e:
+                raise UsageError(f"{where}: {e}") from None
+            unknown = sorted({arm for a, b, _ in claims for arm in (a, b)} - set(self.arm_names))
+            if unknown:
+                raise UsageError(f"{where}: arms {unknown} are not in arms {self.arm_names}")
+            if h.split not in self.benchmark.eval_splits:
+                raise UsageError(f"{where}: split {h.split!r} is not in benchmark.eval_splits")
+            if h.metric not in METRICS:
+                raise UsageError(f"{where}: metric {h.metric!r}; expected one of {list(METRICS)}")
 
     def _recipe(self, i: int, name: str) -> Recipe:
         where = f"arms[{i}] ({name!r})"
