@@ -5,7 +5,7 @@
     hpl-evaluate run --benchmark intercode_sql --policy Qwen/Qwen2.5-7B-Instruct --base_url http://host:8000/v1
     hpl-evaluate replay --recordings ../shared/data/intercode_sql/gpt-3.5_react_10_turns.json
     hpl-evaluate gold --benchmark sciworld --split dev
-    hpl-evaluate window --episodes runs/.../episodes.jsonl --model smollm2-135m-instruct --max_context 2048
+    hpl-evaluate window --episodes '[runs/.../episodes.jsonl]' --model smollm2-135m-instruct --max_context 2048
 
 ``run`` is resumable: run the same command again after a crash or Ctrl-C and it continues where it stopped.
 Every subcommand takes ``--config FILE.yaml`` and ``--print_config``; ``hpl-evaluate run --help`` lists all.
@@ -28,8 +28,8 @@ from hpl_lightning.errors import UsageError
 from hpl_lightning.evaluation import EpisodeRecord, EvaluationAborted, evaluate, read_episodes
 from hpl_lightning.models import load_tokenizer
 from hpl_lightning.policies import MAX_NEW_TOKENS, Conversation, OpenAIPolicy, Policy
-from hpl_lightning.schema import head_length
 from hpl_lightning.prefix_cache import DEFAULT_ENGINE, Engine, local_policy
+from hpl_lightning.schema import head_length
 
 
 def run(
