@@ -203,6 +203,7 @@ def _toy_config(tmp: Path) -> Path:
                                  "checkpoint.every_n_train_steps": 2,
                                  "data.max_length": 2048, "trainer.enable_progress_bar": False}},
         "exploration": {"config": {"mc_samples": 2, "max_negatives": 1, "max_tries": 2, "max_actions": 2,
+                                   "trajectory_to_end": False,  # a short test: cut, as before
                                    "step_stride": 2}, "max_new_tokens": 4, "envs": 2, "threads": 1},
         "segmenters": {"fixed_k": {"group_size": 2}},
         "arms": ["sft", "hpl-fixed_k"],

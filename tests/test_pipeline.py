@@ -244,12 +244,35 @@ class CopyFirstPolicy(Policy):
         return {"type": "copy-first"}
 
 
-def _explore_steps(path: Path, config: ExploreConfig) -> dict[str, Rollout]:
+class BudgetEnv(ProgressEnv):
+    """ProgressEnv whose episode ends at its turn budget, as the benchmarks' environments do."""
+
+    def reset(self, task: Task) -> str:
+        self.turns = 0
+        return super().reset(task)
+
+    def step(self, action: str) -> StepResult:
+        self.turns += 1
+        result = super().step(action)
+        return StepResult(result.observation, result.reward, result.done or self.turns >= self.max_turns)
+
+
+def _explore_steps(path: Path, config: ExploreConfig, env: type[ProgressEnv] = ProgressEnv) -> dict[str, Rollout]:
     expert = _expert()
-    with EnvPool(ProgressEnv, 2) as pool:
+    with EnvPool(env, 2) as pool:
         explorer = Explorer(pool, {False: CopyFirstPolicy(), True: CopyFirstPolicy()}, path, config, False)
         explorer.run(plans([expert], lambda t: Task("x/1", "task"), config), count_plans([expert], config))
     return read_rollouts(path)
+
+
+def test_the_trajectory_level_plays_whole_episodes_whatever_the_rollout_cap(tmp_path: Path) -> None:
+    """ETO's failed trajectory is a whole episode: cut after max_actions it would score below the expert because it
+    stopped (the cap is for Monte-Carlo completions); ``trajectory_to_end: false`` restores the cut."""
+    whole = _explore_steps(tmp_path / "whole.jsonl", ExploreConfig(levels=("trajectory",), max_actions=3), BudgetEnv)
+    cut = _explore_steps(tmp_path / "cut.jsonl",
+                         ExploreConfig(levels=("trajectory",), max_actions=3, trajectory_to_end=False), BudgetEnv)
+    assert [len(r.actions) for r in whole.values()] == [ProgressEnv.max_turns]  # zz never ends it: the budget
+    assert [len(r.actions) for r in cut.values()] == [3]
 
 
 def test_step_alternative_equal_to_the_experts_is_resampled(tmp_path: Path) -> None:

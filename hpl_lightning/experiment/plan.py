@@ -25,6 +25,7 @@ from hpl_lightning.experiment.settings import PREFERENCE_LEVELS, SFT_DEFAULTS, S
 # current is their code fingerprint's business, not their key's); any other value moves the key.
 ADDED_LATER: dict[str, dict[str, Any]] = {"pairs.filters": {"step_both_directions": False},
                                           "exploration": {"engine": "recompute", "max_context": None},
+                                          "exploration.config": {"trajectory_to_end": False},
                                           "evaluation": {"engine": "recompute", "max_context": None}}
 
 
@@ -140,6 +141,7 @@ def build_plan(exp: Experiment, kinds: Sequence[KindEntry]) -> Plan:
     group_segmenters = sorted({r.segmenter for r in exp.recipes.values() if "group" in r.levels})
     explore_params = {**without_added_later(asdict(exp.exploration), "exploration"), **backend,
                       "env_kwargs": b.env_kwargs}
+    explore_params["config"] = without_added_later(explore_params["config"], "exploration.config")
 
     def add(stage: Stage) -> Stage:
         for s in stages:
