@@ -75,8 +75,10 @@ class ExploreConfig:
     # agent actions per rollout after its replayed prefix (branch actions replayed, never counted), before it is cut
     # (None: the environment's budget)
     max_actions: int | None = None
-    # the trajectory level's greedy episode runs to the environment's budget whatever max_actions: ETO's failed
-    # trajectory is a whole episode (one cut after max_actions scores below the expert because it stopped)
+    # the trajectory level's greedy episode is an evaluation episode whatever max_actions: ETO's failed trajectory is
+    # a whole episode (one cut after max_actions scores below the expert because it stopped), played to the task's
+    # evaluation budget (``Task.meta['max_steps']``: exploration may lift the environment's own, as sciworld's does
+    # for long expert prefixes), else to the environment's
     trajectory_to_end: bool = True
     retries: int = 2  # an episode whose environment crashed is restarted this often, then recorded as failed
     max_failures_in_a_row: int = 3  # this many failed rollouts without a finished one between: the backend is down
@@ -153,8 +155,8 @@ def _job(expert: Trajectory, level: str, index: int, role: str, sample: int, tas
 
 
 def trajectory_plan(expert: Trajectory, task: Task, config: ExploreConfig) -> Plan:
-    yield [_job(expert, "trajectory", 0, "agent", 0, task, [], task_head(expert), False,
-                None if config.trajectory_to_end else config.max_actions)]
+    cap = task.meta.get("max_steps") if config.trajectory_to_end else config.max_actions
+    yield [_job(expert, "trajectory", 0, "agent", 0, task, [], task_head(expert), False, cap)]
 
 
 def step_plan(expert: Trajectory, task: Task, t: int, config: ExploreConfig) -> Plan:

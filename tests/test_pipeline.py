@@ -11,7 +11,7 @@ import signal
 import subprocess
 import sys
 import threading
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -257,21 +257,26 @@ class BudgetEnv(ProgressEnv):
         return StepResult(result.observation, result.reward, result.done or self.turns >= self.max_turns)
 
 
-def _explore_steps(path: Path, config: ExploreConfig, env: type[ProgressEnv] = ProgressEnv) -> dict[str, Rollout]:
+def _explore_steps(path: Path, config: ExploreConfig, env: type[ProgressEnv] = ProgressEnv,
+                   task: Task = Task("x/1", "task")) -> dict[str, Rollout]:
     expert = _expert()
     with EnvPool(env, 2) as pool:
         explorer = Explorer(pool, {False: CopyFirstPolicy(), True: CopyFirstPolicy()}, path, config, False)
-        explorer.run(plans([expert], lambda t: Task("x/1", "task"), config), count_plans([expert], config))
+        explorer.run(plans([expert], lambda t: task, config), count_plans([expert], config))
     return read_rollouts(path)
 
 
 def test_the_trajectory_level_plays_whole_episodes_whatever_the_rollout_cap(tmp_path: Path) -> None:
     """ETO's failed trajectory is a whole episode: cut after max_actions it would score below the expert because it
-    stopped (the cap is for Monte-Carlo completions); ``trajectory_to_end: false`` restores the cut."""
-    whole = _explore_steps(tmp_path / "whole.jsonl", ExploreConfig(levels=("trajectory",), max_actions=3), BudgetEnv)
-    cut = _explore_steps(tmp_path / "cut.jsonl",
-                         ExploreConfig(levels=("trajectory",), max_actions=3, trajectory_to_end=False), BudgetEnv)
+    stopped (the cap is for Monte-Carlo completions). It gets the task's evaluation budget where the task names one
+    (exploration lifts sciworld's own budget to 500 turns for long expert prefixes), else the environment's;
+    ``trajectory_to_end: false`` restores the cut."""
+    config = ExploreConfig(levels=("trajectory",), max_actions=3)
+    whole = _explore_steps(tmp_path / "whole.jsonl", config, BudgetEnv)
+    budgeted = _explore_steps(tmp_path / "budgeted.jsonl", config, BudgetEnv, Task("x/1", "task", {"max_steps": 6}))
+    cut = _explore_steps(tmp_path / "cut.jsonl", replace(config, trajectory_to_end=False), BudgetEnv)
     assert [len(r.actions) for r in whole.values()] == [ProgressEnv.max_turns]  # zz never ends it: the budget
+    assert [len(r.actions) for r in budgeted.values()] == [6]
     assert [len(r.actions) for r in cut.values()] == [3]
 
 
