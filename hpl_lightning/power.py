@@ -20,7 +20,7 @@ import json
 from collections import defaultdict
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 from scipy import stats as scipy_stats
@@ -89,6 +89,25 @@ def minimum_detectable_effect(c: Components, n_seeds: int, n_tasks: int, alpha: 
     return float(-np.quantile(zero_effect_lows(c, n_seeds, n_tasks, alpha, studies, seed), 1 - target))
 
 
+def paired_matrix(arm: Mapping[tuple[int, str], float], baseline: Mapping[tuple[int, str], float]) -> np.ndarray:
+    """[seed, task] differences ``arm`` − ``baseline`` over the seeds both have and the tasks every such seed has
+    for both (an empty matrix when they share no cell)."""
+    shared = set(arm) & set(baseline)
+    seeds = sorted({s for s, _ in shared})
+    tasks = sorted(t for t in {t for _, t in shared} if all((s, t) in shared for s in seeds))
+    if not seeds or not tasks:
+        return np.empty((len(seeds), 0))
+    return cell_matrix(arm, seeds, tasks) - cell_matrix(baseline, seeds, tasks)
+
+
+def achieved_mde(d: np.ndarray, alpha: float = 0.05, target: float = 0.8) -> float | None:
+    """The MDE of the design as run (its S x T) under the variance components its own differences ``d`` show; None
+    with fewer than 2 seeds or 2 tasks (no components)."""
+    if d.ndim != 2 or min(d.shape) < 2:
+        return None
+    return minimum_detectable_effect(components(d), *d.shape, alpha=alpha, target=target)
+
+
 def difference_matrix(episodes: Sequence[dict[str, Any]], arm: str, baseline: str, split: str) -> np.ndarray:
     """[seed, task] rewards of ``arm`` minus ``baseline`` on ``split`` from results.json's ``episodes`` (the
     cells both have; a shared baseline evaluation is listed under every seed)."""
@@ -96,12 +115,10 @@ def difference_matrix(episodes: Sequence[dict[str, Any]], arm: str, baseline: st
     for e in episodes:
         if e["split"] == split and e["arm"] in (arm, baseline):
             cells[e["arm"]][(e["seed"], e["task"])] = e["reward"]
-    shared = set(cells[arm]) & set(cells[baseline])
-    seeds = sorted({s for s, _ in shared})
-    tasks = sorted(t for t in {t for _, t in shared} if all((s, t) in shared for s in seeds))
-    if not seeds or not tasks:
+    d = paired_matrix(cells[arm], cells[baseline])
+    if d.size == 0:
         raise ValueError(f"no (seed, task) cell has both {arm} and {baseline} on {split}")
-    return cell_matrix(cells[arm], seeds, tasks) - cell_matrix(cells[baseline], seeds, tasks)
+    return d
 
 
 def main(argv: Sequence[str] | None = None) -> None:

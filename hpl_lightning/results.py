@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from hpl_lightning.power import achieved_mde, paired_matrix
 from hpl_lightning.stats import METHOD, Interval, holm, mean_ci, paired_difference
 
 METRICS = ("reward", "success")
@@ -140,7 +141,9 @@ def decide(records: Sequence[dict[str, Any]], hypotheses: Sequence[Hypothesis], 
     predicted sign, else 1; a hypothesis's p is its claims' largest (all must hold). Family members are
     Holm-adjusted together; a hypothesis is supported when its (adjusted) p is below 1 − ``confidence``, i.e. when
     every claim's interval at the level Holm tested it at (α / (m − rank) in the family, α alone) excludes 0 on the
-    predicted side. A hypothesis whose arms were not all evaluated yet is reported as such, outside the family."""
+    predicted side. A hypothesis whose arms were not all evaluated yet is reported as such, outside the family.
+    Each claim also gets the achieved minimum detectable effect (``mde``): the effect this design (its seeds x tasks)
+    would detect with 80% power at that level, under the variance components its own differences show."""
     alpha = 1 - confidence
     cells: dict[tuple[str, str, str], dict[tuple[int, str], float]] = defaultdict(dict)
     for r in records:
@@ -172,9 +175,10 @@ def decide(records: Sequence[dict[str, Any]], hypotheses: Sequence[Hypothesis], 
         comparisons = []
         for a, b, sign in h.parsed():
             c = compare(h, a, b, level)
+            mde = achieved_mde(paired_matrix(cells[(a, h.split, h.metric)], cells[(b, h.split, h.metric)]), level)
             comparisons.append({"claim": f"{a} {'>' if sign > 0 else '<'} {b}", "diff": c.diff,
                                 "low": _finite(c.low), "high": _finite(c.high), "p_value": _finite(c.p_value),
-                                "tasks": c.n_tasks, "seeds": c.n_seeds})
+                                "tasks": c.n_tasks, "seeds": c.n_seeds, "mde": mde})
         out.append({**row, "p_value": p[i], "p_adjusted": p_adj, "level": level, "comparisons": comparisons,
                     "verdict": "supported" if p_adj < alpha else "not supported"})
     return out
@@ -187,6 +191,10 @@ def _finite(x: float) -> float | None:
 
 def _points(x: float | None) -> str:
     return "—" if x is None else f"{100 * x:+.1f}"
+
+
+def _mde(x: float | None) -> str:
+    return "—" if x is None else f"{100 * x:.1f}"
 
 
 def _compared(m: dict[str, Any]) -> str:
@@ -228,12 +236,14 @@ def format_markdown(title: str, arms: Sequence[str], splits: Sequence[str], main
                   "Each claim's Δ in points with its interval at the level its hypothesis was tested at (Holm's "
                   f"α / (m − rank) over the family's m hypotheses, α = {1 - confidence:.2g}; alone at α outside the "
                   "family); a hypothesis's p is its claims' largest (1 where a difference has the wrong sign); "
-                  "supported when its Holm-adjusted p is below α.", "",
-                  "| hypothesis | claim | split | Δ [interval] | level | p | adjusted p | verdict |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "supported when its Holm-adjusted p is below α. MDE: the achieved minimum detectable effect, the "
+                  "difference this design would detect with 80% power at that level under the variance components "
+                  "(seed, task, residual) of the claim's own differences (docs/statistics.md).", "",
+                  "| hypothesis | claim | split | Δ [interval] | level | MDE | p | adjusted p | verdict |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for h in decided:
             if h["verdict"] == "not evaluated":
-                lines.append(f"| {h['name']} | {'; '.join(h['claims'])} | {h['split']} | — | — | — | — | "
+                lines.append(f"| {h['name']} | {'; '.join(h['claims'])} | {h['split']} | — | — | — | — | — | "
                              "not evaluated |")
                 continue
             for j, c in enumerate(h["comparisons"]):
@@ -241,7 +251,7 @@ def format_markdown(title: str, arms: Sequence[str], splits: Sequence[str], main
                         else "| |")
                 lines.append(f"| {h['name'] if j == 0 else ''} | {c['claim']} | {h['split']} | "
                              f"{_points(c['diff'])} [{_points(c['low'])}, {_points(c['high'])}] | "
-                             f"{1 - h['level']:.4g} | {tail} |")
+                             f"{1 - h['level']:.4g} | {_mde(c.get('mde'))} | {tail} |")
     if compared:
         lines += ["", "## Paired comparisons", "",
                   "Δ = arm − baseline in points, the mean over the (seed, task) cells both arms have. It estimates "

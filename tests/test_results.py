@@ -8,6 +8,7 @@ import pytest
 
 from hpl_lightning.errors import UsageError
 from hpl_lightning.experiment import Benchmark, Evaluation, Experiment
+from hpl_lightning.power import components, minimum_detectable_effect
 from hpl_lightning.results import Hypothesis, decide, format_markdown
 from hpl_lightning.stats import holm, paired_difference
 
@@ -62,7 +63,28 @@ def test_the_report_shows_each_claim_and_verdict() -> None:
     md = format_markdown("t", ["sft", "eto", "hpl"], ["test"], {}, [], {}, 0.95, decided=decided)
     assert "## Pre-registered hypotheses" in md
     assert "| H1 | hpl > eto | test |" in md and "|  | hpl > sft | test |" in md and "**supported**" in md
-    assert "| H4 | hpl-subgoal > hpl | test | — | — | — | — | not evaluated |" in md
+    assert "| H4 | hpl-subgoal > hpl | test | — | — | — | — | — | not evaluated |" in md
+
+
+def test_each_claim_reports_the_minimum_effect_its_design_could_detect() -> None:
+    """The achieved MDE: the design as run (seeds x tasks) under the variance of the claim's own differences; the
+    stricter the level Holm tested a claim at, the larger; a noisier comparison, larger too; one seed, none."""
+    recs = records({"sft": 0.0, "eto": 0.1, "hpl": 0.25})
+    noisy = [{**r, "reward": r["reward"] + (0.2 * (int(r["task"][1:]) % 5 - 2) if r["arm"] == "hpl" else 0)}
+             for r in recs]
+    hyps = [Hypothesis("control", ["eto > sft"], family=False), Hypothesis("H1", ["hpl > eto"])]
+    quiet, loud = decide(recs, hyps, 0.95), decide(noisy, hyps, 0.95)
+    d = np.array([[r["reward"] for r in recs if r["arm"] == "eto" and r["seed"] == s] for s in range(3)]) - \
+        np.array([[r["reward"] for r in recs if r["arm"] == "sft" and r["seed"] == s] for s in range(3)])
+    assert quiet[0]["comparisons"][0]["mde"] == pytest.approx(minimum_detectable_effect(components(d), 3, 12, 0.05))
+    assert 0 < quiet[0]["comparisons"][0]["mde"] < 0.1  # cell noise 0.02 over 3 x 12 cells
+    assert loud[1]["comparisons"][0]["mde"] > 3 * quiet[1]["comparisons"][0]["mde"]
+    strict = decide(recs, [Hypothesis("H1", ["hpl > eto"], family=False)], 0.99)
+    assert strict[0]["comparisons"][0]["mde"] > quiet[1]["comparisons"][0]["mde"]
+    one_seed = decide([r for r in recs if r["seed"] == 0], hyps, 0.95)
+    assert one_seed[0]["comparisons"][0]["mde"] is None
+    md = format_markdown("t", ["sft", "eto", "hpl"], ["test"], {}, [], {}, 0.95, decided=quiet)
+    assert f"| 0.95 | {100 * quiet[0]['comparisons'][0]['mde']:.1f} |" in md
 
 
 @pytest.mark.parametrize("claims, message", [(["hpl >> eto"], "not 'ARM > ARM'"), (["hpl > eto < sft"], "not"),
