@@ -22,6 +22,8 @@ class EnvironmentCrashed(RuntimeError):
 class Task:
     id: str
     description: str
+    # benchmark-specific; 'max_steps', where set, is the turn budget an evaluation episode gets (sciworld: ETO's
+    # per type), which exploration's trajectory level plays to when it lifts the environment's own budget
     meta: dict[str, Any] = field(default_factory=dict)
 
 
