@@ -30,6 +30,7 @@ One concept per module, lower layers first (none imports a later one):
 - ``publishing``: copying finished stages to ``results_dir`` and restoring them on a fresh checkout;
 - ``processes``: training subprocesses, model servers, device memory;
 - ``stages``: the body of every built-in stage kind;
+- ``reuse``: a widened exploration starting from the rollouts of a finished one;
 - ``kinds``: the registry of stage kinds (running order, body, cost model, sharding, what is published);
 - ``status``: done / stale / needed / cost, the printed plan;
 - ``runner``: the executor and the report;

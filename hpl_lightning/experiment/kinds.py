@@ -13,6 +13,7 @@ from hpl_lightning.experiment import stages
 from hpl_lightning.experiment.plan import Plan, Stage
 from hpl_lightning.experiment.provenance import Provenance
 from hpl_lightning.experiment.records import file_digest
+from hpl_lightning.experiment.reuse import reuse_rollouts
 from hpl_lightning.experiment.settings import Experiment
 from hpl_lightning.experiment.shards import Shard
 
@@ -34,7 +35,8 @@ class StageKind:
     (``explore`` covers both exploration kinds); ``publishes``: files copied to results_dir beside the record;
     ``restorable``: a published stage of the kind is taken as done on a fresh checkout; ``expand``: for a kind outside
     the built-in DAG, adds its stages to a built plan (each depending on stages already there); ``cost``: None when
-    it generates no text (minutes)."""
+    it generates no text (minutes); ``reuse``: before a stage starts from nothing, takes the outputs of a finished
+    sibling that it would make again (exploration: ``reuse.reuse_rollouts``) and returns what it took."""
 
     name: str
     run: StageBody
@@ -45,6 +47,7 @@ class StageKind:
     publishes: tuple[str, ...] = ()
     restorable: bool = False
     expand: Callable[[Experiment, Plan], Iterable[Stage]] | None = None
+    reuse: Callable[[Path, Stage, dict[str, Any]], dict[str, Any] | None] | None = None
 
 
 def _per_task(rate: Callable[[Experiment], float | None]) -> CostModel:
@@ -81,9 +84,10 @@ KINDS: tuple[StageKind, ...] = (
     # segmentation before exploration, so one sharded pass (--stage explore) covers both exploration kinds
     StageKind("segment", stages.segment, code=(f"{_S}:segment", f"{_P}:segment", "hpl_lightning.segmentation")),
     StageKind("explore", stages.explore, cost=_per_task(lambda exp: exp.cost.explore_task), shard_group="explore",
+              reuse=reuse_rollouts,
               code=(f"{_S}:explore", f"{_S}:env_kwargs", f"{_P}:explore", "hpl_lightning.explore", *_ENVS)),
     StageKind("explore_group", stages.explore, cost=_per_task(lambda exp: exp.cost.explore_group_task),
-              shard_group="explore",
+              shard_group="explore", reuse=reuse_rollouts,
               code=(f"{_S}:explore", f"{_S}:env_kwargs", f"{_P}:explore", "hpl_lightning.explore", *_ENVS)),
     StageKind("pairs", stages.pairs, code=(f"{_S}:pairs", f"{_P}:pairs", "hpl_lightning.pairs")),
     StageKind("train", stages.train, cost=_per_run(lambda exp: exp.cost.train_run),

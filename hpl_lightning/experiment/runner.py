@@ -93,7 +93,12 @@ def run(exp: Experiment, dry_run: bool = False, shard: Shard | None = None, stag
             _set_aside(st.dir, f"{st.kind} {st.label}", state.stale[st.key])
         t0 = time.perf_counter()
         print(f"{head}: running -> {st.dir.relative_to(exp.root)}", flush=True)
+        taken = None
+        if shard is None and kind.reuse is not None:
+            taken = kind.reuse(exp.root, st, current_provenance(exp, st, kind, prov))
         result = kind.run(exp, plan, st, shard)
+        if taken is not None:
+            result = {**result, "reused": taken}
         release_device(exp.device)
         seconds = time.perf_counter() - t0
         write_record((shard_dir(st, shard) if shard is not None else st.dir) / DONE_FILE, {
