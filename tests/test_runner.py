@@ -126,6 +126,41 @@ def test_a_kind_added_by_one_registry_entry_is_planned_run_and_needed(tmp_path: 
     assert all(s.done for s in plan.stages)
 
 
+class Killed(Exception):
+    """Stands for a kill: the stage ends without a record."""
+
+
+def test_a_resumed_stage_records_the_time_of_its_killed_attempts(tmp_path: Path, capsys) -> None:
+    """A kill records nothing, so the next attempt counts the killed one from its start to its last write: a stage
+    resumed in a later working session records the hours it took, not its last part."""
+    from hpl_lightning.experiment.runner import ATTEMPTS_FILE
+
+    killed: list[str] = []
+
+    def body(exp: Experiment, plan: Any, st: Stage, shard: Shard | None) -> dict[str, Any]:
+        Recorder()(exp, plan, st, shard)
+        if st.kind == "sft" and not killed:
+            killed.append(st.label)
+            start = json.loads((st.dir / ATTEMPTS_FILE).read_text())[-1]["start"]
+            (st.dir / "part.txt").write_text("half done")
+            os.utime(st.dir / "part.txt", (start + 1000, start + 1000))  # its last write: 1,000 s after it began
+            raise Killed
+        return {}
+
+    exp = Experiment(str(tmp_path / "exp"), benchmark=_no_protocol(), arms=["sft"])
+    kinds = tuple(replace(k, run=body) for k in KINDS)
+    with pytest.raises(Killed):
+        run(exp, kinds=kinds)
+    run(exp, kinds=kinds)
+    sft = next(s for s in build_plan(exp, kinds).stages if s.kind == "sft")
+    attempts = json.loads((sft.dir / ATTEMPTS_FILE).read_text())
+    assert len(attempts) == 2 and attempts[0]["seconds"] == pytest.approx(1000, abs=0.01)
+    assert read_record(sft.dir / DONE_FILE)["seconds"] >= 1000
+    assert "s of them in earlier attempts" in capsys.readouterr().out
+    experts = next(s for s in build_plan(exp, kinds).stages if s.kind == "experts")
+    assert len(json.loads((experts.dir / ATTEMPTS_FILE).read_text())) == 1  # ran once, not killed
+
+
 def test_a_half_written_record_is_not_done_and_writes_are_atomic(tmp_path: Path, capsys) -> None:
     path = tmp_path / "stage" / DONE_FILE
     write_record(path, {"kind": "sft", "seconds": 1.0})

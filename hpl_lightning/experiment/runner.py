@@ -31,6 +31,7 @@ from hpl_lightning.experiment.status import Status, current_provenance, describe
 from hpl_lightning.results import machine, revision, revision_text, write_results
 
 KILL_AFTER_ENV = "HPL_EXPERIMENT_KILL_AFTER"  # testing hook: SIGKILL the runner after this many stages ran
+ATTEMPTS_FILE = ".attempts.json"  # a stage's attempts, so a resumed stage's record counts the killed ones' time
 
 
 def run(exp: Experiment, dry_run: bool = False, shard: Shard | None = None, stage: str | None = None,
@@ -91,6 +92,7 @@ def run(exp: Experiment, dry_run: bool = False, shard: Shard | None = None, stag
             return None
         elif st.key in state.stale and st.dir.exists():
             _set_aside(st.dir, f"{st.kind} {st.label}", state.stale[st.key])
+        earlier = start_attempt(shard_dir(st, shard) if shard is not None else st.dir)
         t0 = time.perf_counter()
         print(f"{head}: running -> {st.dir.relative_to(exp.root)}", flush=True)
         taken = None
@@ -100,12 +102,13 @@ def run(exp: Experiment, dry_run: bool = False, shard: Shard | None = None, stag
         if taken is not None:
             result = {**result, "reused": taken}
         release_device(exp.device)
-        seconds = time.perf_counter() - t0
+        seconds = earlier + time.perf_counter() - t0
         write_record((shard_dir(st, shard) if shard is not None else st.dir) / DONE_FILE, {
             "kind": st.kind, "key": st.key, "params": st.params, "deps": [d.key for d in st.deps],
             "seconds": seconds, "machine": machine(), "revision": revision(exp.results_dir),
             "provenance": current_provenance(exp, st, kind, prov), "result": result})
-        print(f"{head}: finished in {seconds:.0f} s", flush=True)
+        print(f"{head}: finished in {seconds:.0f} s"
+              + (f" ({earlier:.0f} s of them in earlier attempts)" if earlier else ""), flush=True)
         if shard is None:
             done.add(st.key)
             state.stale.pop(st.key, None)
@@ -117,6 +120,20 @@ def run(exp: Experiment, dry_run: bool = False, shard: Shard | None = None, stag
     if shard is not None:
         return None
     return report(exp, plan, command, state)
+
+
+def start_attempt(out: Path) -> float:
+    """Notes in ``out`` that an attempt at its stage starts now; returns the wall time of the earlier attempts, a
+    killed one counted from its start to the last write under ``out`` before this one (a kill records nothing else),
+    so a stage resumed across working sessions records the hours it took, not its last part."""
+    path = out / ATTEMPTS_FILE
+    attempts = json.loads(path.read_text()) if path.exists() else []
+    if attempts and attempts[-1]["seconds"] is None:
+        writes = [p.stat().st_mtime for p in out.rglob("*") if p.is_file() and p != path]
+        attempts[-1]["seconds"] = max([0.0, *(w - attempts[-1]["start"] for w in writes)])
+    out.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps([*attempts, {"start": time.time(), "seconds": None}], indent=1) + "\n")
+    return sum(a["seconds"] for a in attempts)
 
 
 def _set_aside(path: Path, what: str, why: str) -> None:
